@@ -1,0 +1,3 @@
+from mvtui.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,364 @@
+"""The cluster as the router sees it: each server's health, load, models and counters.
+
+Plain objects mutated on the event loop by the poller and the proxy; the UI and the
+headless log read them. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Callable, Iterable, Iterator
+
+from mvtui.config import ServerConfig, TimingConfig
+
+Clock = Callable[[], float]
+
+
+class Health(enum.Enum):
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+
+
+class HealthTracker:
+    """Hysteresis: down after `fail_threshold` failures in a row, up after `recover_threshold`
+    successes in a row. Nothing is averaged over the server's life."""
+
+    def __init__(self, fail_threshold: int = 3, recover_threshold: int = 2) -> None:
+        self.fail_threshold = fail_threshold
+        self.recover_threshold = recover_threshold
+        self.state = Health.UNKNOWN
+        self.failures = 0
+        self.successes = 0
+        self.last_error = ""
+
+    def success(self) -> bool:
+        """Record a good answer; True when the state changed."""
+        self.failures = 0
+        self.successes += 1
+        if self.state is not Health.UP and (self.state is Health.UNKNOWN or self.successes >= self.recover_threshold):
+            self.state = Health.UP
+            return True
+        return False
+
+    def failure(self, error: str, *, at_once: bool = False) -> bool:
+        """Record a failure; `at_once` (connection refused) skips the count. True on change."""
+        self.successes = 0
+        self.failures += 1
+        self.last_error = error
+        if self.state is not Health.DOWN and (at_once or self.failures >= self.fail_threshold):
+            self.state = Health.DOWN
+            return True
+        return False
+
+
+@dataclass
+class EngineMetrics:
+    """One scrape of a server's /metrics, summed over engines and models."""
+
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float | None = None
+    prompt_tokens: float = 0.0
+    generation_tokens: float = 0.0
+    requests_finished: float = 0.0
+    preemptions: float = 0.0
+    prefix_cache_queries: float = 0.0
+    prefix_cache_hits: float = 0.0
+    sleep_state: str | None = None
+    scraped_at: float = 0.0
+
+
+class RateHistory:
+    """Per-second rates from a monotonically increasing counter, for sparklines."""
+
+    def __init__(self, length: int = 60) -> None:
+        self.values: deque[float] = deque(maxlen=length)
+        self._last: tuple[float, float] | None = None
+
+    def sample(self, total: float, now: float) -> None:
+        if self._last is not None:
+            last_total, last_time = self._last
+            elapsed = now - last_time
+            if elapsed <= 0:
+                return
+            self.values.append(max(0.0, total - last_total) / elapsed)
+        self._last = (total, now)
+
+    @property
+    def latest(self) -> float:
+        return self.values[-1] if self.values else 0.0
+
+
+@dataclass
+class ServerStats:
+    """The router's own counters for one server."""
+
+    requests: int = 0
+    errors: int = 0
+    retries: int = 0
+    completed: int = 0
+    ttft: deque[float] = field(default_factory=lambda: deque(maxlen=200))
+    request_rate: RateHistory = field(default_factory=RateHistory)
+    token_rate: RateHistory = field(default_factory=RateHistory)
+
+    @property
+    def ttft_p50(self) -> float | None:
+        return median(self.ttft) if self.ttft else None
+
+
+class Server:
+    """A vLLM server behind the router."""
+
+    def __init__(self, config: ServerConfig, timing: TimingConfig, clock: Clock = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.health = HealthTracker(timing.fail_threshold, timing.recover_threshold)
+        self.metrics = EngineMetrics()
+        self.discovered_models: tuple[str, ...] = ()
+        self.model_cards: list[dict] = []
+        self.in_flight = 0
+        self.sent_total = 0
+        self.sent_at_scrape = 0
+        self.drain = config.drain
+        self.sleep_level = 0
+        self.waking = False
+        self.sleep_pending = False
+        self.sleep_capable: bool | None = None
+        self.lifecycle: str | None = None
+        self.removed = False
+        self.last_error = ""
+        self.last_used = clock()
+        self.stats = ServerStats()
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    @property
+    def name(self) -> str:
+        return self.config.label
+
+    @property
+    def capacity(self) -> int:
+        return self.config.max_concurrent_requests
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.config.models or self.discovered_models
+
+    @property
+    def running(self) -> float:
+        return self.metrics.running
+
+    @property
+    def waiting(self) -> float:
+        return self.metrics.waiting
+
+    @property
+    def sent_since_scrape(self) -> int:
+        return self.sent_total - self.sent_at_scrape
+
+    @property
+    def is_up(self) -> bool:
+        return self.health.state is Health.UP
+
+    @property
+    def asleep(self) -> bool:
+        return self.sleep_level > 0 or self.waking
+
+    @property
+    def routable(self) -> bool:
+        """May get new requests."""
+        return (
+            self.is_up
+            and not self.drain
+            and not self.removed
+            and not self.asleep
+            and not self.sleep_pending
+            and self.lifecycle in (None, "running")
+        )
+
+    @property
+    def load(self) -> float:
+        """mvllm's load, kept fresh with what the router sent since the last scrape."""
+        return (self.running + 0.5 * self.waiting + self.sent_since_scrape) / self.capacity
+
+    @property
+    def state(self) -> str:
+        """One word for people: what the dashboard and /load-stats show."""
+        if self.lifecycle and self.lifecycle != "running":
+            return self.lifecycle
+        if self.removed:
+            return "removing"
+        if self.waking:
+            return "waking"
+        if self.sleep_level:
+            return f"sleeping L{self.sleep_level}"
+        if self.drain or self.sleep_pending:
+            return "draining" if self.in_flight else "drained"
+        return self.health.state.value
+
+    def serves(self, model: str) -> bool:
+        return model in self.models
+
+    def scraped(self, metrics: EngineMetrics, sent_before_scrape: int) -> None:
+        """A scrape answered; what was sent before it was issued is now in its numbers."""
+        self.metrics = metrics
+        self.sent_at_scrape = max(self.sent_at_scrape, sent_before_scrape)
+        self.stats.request_rate.sample(metrics.requests_finished, metrics.scraped_at)
+        self.stats.token_rate.sample(metrics.generation_tokens, metrics.scraped_at)
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self.sent_total += 1
+        self.stats.requests += 1
+        self.last_used = self.clock()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        self.last_used = self.clock()
+
+
+@dataclass(frozen=True)
+class ClusterEvent:
+    kind: str
+    server: str
+    message: str
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    at: float
+    method: str
+    path: str
+    model: str
+    server: str
+    status: int
+    latency: float
+    ttft: float | None
+    tokens: int | None
+    retries: int
+
+
+Listener = Callable[[ClusterEvent], None]
+
+
+class Cluster:
+    """Every server, by URL, plus the recent request log and change listeners."""
+
+    def __init__(self, timing: TimingConfig | None = None, clock: Clock = time.monotonic, log_length: int = 500) -> None:
+        self.timing = timing or TimingConfig()
+        self.clock = clock
+        self.servers: dict[str, Server] = {}
+        self.request_log: deque[RequestRecord] = deque(maxlen=log_length)
+        self._listeners: list[Listener] = []
+
+    def __iter__(self) -> Iterator[Server]:
+        return iter(list(self.servers.values()))
+
+    def __len__(self) -> int:
+        return len(self.servers)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def emit(self, kind: str, server: Server | str, message: str) -> None:
+        event = ClusterEvent(kind, server if isinstance(server, str) else server.name, message)
+        for listener in list(self._listeners):
+            listener(event)
+
+    def find(self, key: str) -> Server | None:
+        """A server by URL, name or host:port."""
+        if key in self.servers:
+            return self.servers[key]
+        for server in self.servers.values():
+            if key in (server.name, server.config.name) or server.url.endswith("//" + key):
+                return server
+        return None
+
+    def add(self, config: ServerConfig) -> Server:
+        server = Server(config, self.timing, self.clock)
+        self.servers[config.url] = server
+        self.emit("added", server, f"added {config.url}")
+        return server
+
+    def forget(self, server: Server) -> None:
+        if self.servers.get(server.url) is server:
+            del self.servers[server.url]
+            self.emit("removed", server, f"removed {server.url}")
+
+    def apply(self, configs: Iterable[ServerConfig], timing: TimingConfig | None = None) -> list[Server]:
+        """Match servers by URL: keep state of unchanged ones, add new ones, mark gone ones
+        removed (they finish in flight, then the caller forgets them). Returns new servers."""
+        if timing is not None:
+            self.timing = timing
+        wanted = {config.url: config for config in configs}
+        added = []
+        for url, config in wanted.items():
+            server = self.servers.get(url)
+            if server is None:
+                added.append(self.add(config))
+                continue
+            self._update(server, config)
+        for server in list(self.servers.values()):
+            if server.url not in wanted and server.lifecycle is None and not server.removed:
+                server.removed = True
+                self.emit("removing", server, "removed from the config; finishing requests in flight")
+        return added
+
+    def _update(self, server: Server, config: ServerConfig) -> None:
+        if server.removed:
+            server.removed = False
+            self.emit("restored", server, "back in the config")
+        if config.drain != server.config.drain:
+            server.drain = config.drain
+        server.config = config
+        server.health.fail_threshold = self.timing.fail_threshold
+        server.health.recover_threshold = self.timing.recover_threshold
+
+    def models(self, *, routable_only: bool = False) -> list[str]:
+        names: dict[str, None] = {}
+        for server in self.servers.values():
+            if server.removed or (routable_only and not server.is_up):
+                continue
+            names.update(dict.fromkeys(server.models))
+        return sorted(names)
+
+    def serving(self, model: str) -> list[Server]:
+        return [server for server in self.servers.values() if not server.removed and server.serves(model)]
+
+    def routable(self, model: str) -> list[Server]:
+        return [server for server in self.servers.values() if server.routable and server.serves(model)]
+
+    def record(self, record: RequestRecord) -> None:
+        self.request_log.append(record)
+
+    def summary(self) -> "ClusterSummary":
+        servers = list(self.servers.values())
+        return ClusterSummary(
+            up=sum(server.is_up for server in servers),
+            total=len(servers),
+            request_rate=sum(server.stats.request_rate.latest for server in servers),
+            token_rate=sum(server.stats.token_rate.latest for server in servers),
+            errors=sum(server.stats.errors for server in servers),
+            retries=sum(server.stats.retries for server in servers),
+            in_flight=sum(server.in_flight for server in servers),
+        )
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    up: int
+    total: int
+    request_rate: float
+    token_rate: float
+    errors: int
+    retries: int
+    in_flight: int

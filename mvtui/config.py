@@ -1,0 +1,460 @@
+"""The TOML config: parsed with tomlkit into frozen dataclasses, every problem listed.
+
+mvllm's `servers.toml` (`[servers] servers = [...]` and `[config]`) loads unchanged; mvtui's
+own settings sit beside it in `[router]`, `[admin]`, `[ui]` and `[[instances]]`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+import tomlkit
+from tomlkit.exceptions import ParseError
+
+POLICIES = ("balanced", "least_loaded", "round_robin", "power_of_two")
+IDLE_ACTIONS = ("sleep1", "sleep2", "stop")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    url: str
+    max_concurrent_requests: int = 8
+    name: str = ""
+    api_key: str | None = None
+    models: tuple[str, ...] = ()
+    drain: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name or server_name_from_url(self.url)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "0.0.0.0"
+    port: int = 8888
+    api_keys: tuple[str, ...] = ()
+    policy: str = "balanced"
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """mvllm's `[config]` table, with mvtui's own knobs beside its three."""
+
+    health_check_interval: float = 10.0
+    request_timeout: float = 120.0
+    max_retries: int = 3
+    metrics_interval: float = 0.5
+    fail_threshold: int = 3
+    recover_threshold: int = 2
+    wake_timeout: float = 120.0
+    drain_timeout: float = 60.0
+    shutdown_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 8889
+    token: str = ""
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class UiConfig:
+    theme: str = ""
+    refresh_per_s: float = 4.0
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    model: str
+    name: str = ""
+    served_model_name: str = ""
+    port: int = 0
+    port_range: tuple[int, int] = (8100, 8199)
+    devices: tuple[int, ...] = ()
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 0
+    tensor_parallel_size: int = 1
+    extra_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    command: tuple[str, ...] = ()
+    auto_start: bool = True
+    idle_timeout: float = 0.0
+    idle_action: str = "sleep1"
+    startup_timeout: float = 600.0
+    max_concurrent_requests: int = 8
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or self.model
+
+    @property
+    def label(self) -> str:
+        return self.name or self.served_name
+
+
+@dataclass(frozen=True)
+class Config:
+    router: RouterConfig = field(default_factory=RouterConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
+    servers: tuple[ServerConfig, ...] = ()
+    instances: tuple[InstanceConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str
+    message: str
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        at = f"line {self.line}, column {self.column}: " if self.line else ""
+        return f"{at}{self.where}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, path: Path | str | None, problems: list[Problem]) -> None:
+        self.path = Path(path) if path else None
+        self.problems = problems
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        head = f"{self.path}: " if self.path else ""
+        count = len(self.problems)
+        lines = [f"{head}{count} problem{'s' if count != 1 else ''} in the config"]
+        lines += [f"  - {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+def server_name_from_url(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc or url
+
+
+def normalize_url(url: str) -> str:
+    return url.strip().rstrip("/")
+
+
+# --- validation -------------------------------------------------------------------------
+
+Check = Callable[[Any], str | None]
+
+
+def _number(minimum: float = 0, *, exclusive: bool = False, integer: bool = False) -> Check:
+    def check(value: Any) -> str | None:
+        allowed = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            return f"expected {'an integer' if integer else 'a number'}, got {_describe(value)}"
+        too_small = value <= minimum if exclusive else value < minimum
+        if too_small:
+            return f"must be {'greater than' if exclusive else 'at least'} {minimum}, got {value}"
+        return None
+
+    return check
+
+
+def _string(choices: tuple[str, ...] = ()) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str):
+            return f"expected a string, got {_describe(value)}"
+        if choices and value not in choices:
+            return f"must be one of {', '.join(choices)}; got {value!r}"
+        return None
+
+    return check
+
+
+def _boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"expected true or false, got {_describe(value)}"
+
+
+def _string_list(value: Any) -> str | None:
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return f"expected a list of strings, got {_describe(value)}"
+    return None
+
+
+def _port(value: Any) -> str | None:
+    problem = _number(0, integer=True)(value)
+    if problem is None and value > 65535:
+        return f"must be a port number (0-65535), got {value}"
+    return problem
+
+
+def _url(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a URL string, got {_describe(value)}"
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return f"expected an http:// or https:// URL, got {value!r}"
+    return None
+
+
+def _devices(value: Any) -> str | None:
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+        ok = all(part.strip().isdigit() for part in value)
+    else:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    return None if ok else f"expected GPU indices like [0, 1] or \"0,1\", got {_describe(value)}"
+
+
+def _port_range(value: Any) -> str | None:
+    ok = (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and 0 < v <= 65535 for v in value)
+        and value[0] <= value[1]
+    )
+    return None if ok else f"expected [first, last] ports, got {_describe(value)}"
+
+
+def _string_table(value: Any) -> str | None:
+    if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+        return f"expected a table of strings, got {_describe(value)}"
+    return None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a table"
+    return type(value).__name__
+
+
+ROUTER_SCHEMA: dict[str, Check] = {
+    "host": _string(),
+    "port": _port,
+    "api_keys": _string_list,
+    "policy": _string(POLICIES),
+}
+TIMING_SCHEMA: dict[str, Check] = {
+    "health_check_interval": _number(0, exclusive=True),
+    "request_timeout": _number(0, exclusive=True),
+    "max_retries": _number(0, integer=True),
+    "metrics_interval": _number(0.05),
+    "fail_threshold": _number(1, integer=True),
+    "recover_threshold": _number(1, integer=True),
+    "wake_timeout": _number(0, exclusive=True),
+    "drain_timeout": _number(0),
+    "shutdown_timeout": _number(0),
+}
+ADMIN_SCHEMA: dict[str, Check] = {"host": _string(), "port": _port, "token": _string(), "enabled": _boolean}
+UI_SCHEMA: dict[str, Check] = {"theme": _string(), "refresh_per_s": _number(0.2)}
+SERVER_SCHEMA: dict[str, Check] = {
+    "url": _url,
+    "max_concurrent_requests": _number(1, integer=True),
+    "name": _string(),
+    "api_key": _string(),
+    "models": _string_list,
+    "drain": _boolean,
+}
+INSTANCE_SCHEMA: dict[str, Check] = {
+    "model": _string(),
+    "name": _string(),
+    "served_model_name": _string(),
+    "port": _port,
+    "port_range": _port_range,
+    "devices": _devices,
+    "gpu_memory_utilization": _number(0, exclusive=True),
+    "max_model_len": _number(0, integer=True),
+    "tensor_parallel_size": _number(1, integer=True),
+    "extra_args": _string_list,
+    "env": _string_table,
+    "command": _string_list,
+    "auto_start": _boolean,
+    "idle_timeout": _number(0),
+    "idle_action": _string(IDLE_ACTIONS),
+    "startup_timeout": _number(0, exclusive=True),
+    "max_concurrent_requests": _number(1, integer=True),
+}
+TOP_LEVEL = ("servers", "config", "router", "admin", "ui", "instances")
+
+
+class _Collector:
+    """Gathers problems with their place in the source text."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.problems: list[Problem] = []
+
+    def add(self, where: str, message: str, *, anchor: str | None = None, near: str | None = None) -> None:
+        line, column = _locate(self.text, anchor or where.rsplit(".", 1)[-1], near)
+        self.problems.append(Problem(where, message, line, column))
+
+    def table(self, name: str, raw: Any, schema: Mapping[str, Check], *, near: str | None = None) -> dict[str, Any]:
+        """Validated plain values of one table; unknown keys get a did-you-mean."""
+        if not isinstance(raw, Mapping):
+            self.add(name, f"expected a table, got {_describe(raw)}", anchor=name.split("[")[0])
+            return {}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in schema:
+                self.add(f"{name}.{key}", _unknown_key_message(key, schema), anchor=key, near=near)
+                continue
+            problem = schema[key](value)
+            if problem:
+                self.add(f"{name}.{key}", problem, anchor=key, near=near)
+            else:
+                values[key] = value
+        return values
+
+
+def _unknown_key_message(key: str, known: Mapping[str, Any] | tuple[str, ...]) -> str:
+    guess = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys: {', '.join(known)}"
+    return f"unknown key {key!r}{hint}"
+
+
+def _locate(text: str, key: str, near: str | None = None) -> tuple[int | None, int | None]:
+    """Line and column (1-based) of `key =` or `[key]`, searched after `near` if given."""
+    start = 0
+    if near:
+        found = text.find(near)
+        if found >= 0:
+            start = text.rfind("\n", 0, found) + 1
+    pattern = re.compile(rf"(?m)(^|[\s{{,\[.])(\"?{re.escape(key)}\"?)\s*(=|\])")
+    match = pattern.search(text, start) or pattern.search(text)
+    if not match:
+        return None, None
+    offset = match.start(2)
+    line = text.count("\n", 0, offset) + 1
+    column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    return line, column
+
+
+# --- building ---------------------------------------------------------------------------
+
+
+def parse_config(text: str, path: Path | str | None = None) -> Config:
+    """Parse and validate TOML text; raises ConfigError listing every problem."""
+    try:
+        document = tomlkit.parse(text)
+    except ParseError as error:
+        raise ConfigError(path, [Problem("TOML", _parse_message(error), error.line, error.col)]) from None
+    collector = _Collector(text)
+    config = _build(document.unwrap(), collector)
+    if collector.problems:
+        raise ConfigError(path, collector.problems)
+    return config
+
+
+def load_config(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(path, [Problem("file", f"cannot read it: {error.strerror or error}")]) from None
+    return parse_config(text, path)
+
+
+def _parse_message(error: ParseError) -> str:
+    return str(error).split(" at line ")[0]
+
+
+def _build(data: dict[str, Any], collector: _Collector) -> Config:
+    for key in data:
+        if key not in TOP_LEVEL:
+            collector.add(key, _unknown_key_message(key, TOP_LEVEL), anchor=key)
+    router = collector.table("router", data.get("router", {}), ROUTER_SCHEMA)
+    timing = collector.table("config", data.get("config", {}), TIMING_SCHEMA)
+    admin = collector.table("admin", data.get("admin", {}), ADMIN_SCHEMA)
+    ui = collector.table("ui", data.get("ui", {}), UI_SCHEMA)
+    if "api_keys" in router:
+        router["api_keys"] = tuple(router["api_keys"])
+    return Config(
+        router=RouterConfig(**router),
+        timing=TimingConfig(**timing),
+        admin=AdminConfig(**admin),
+        ui=UiConfig(**ui),
+        servers=_build_servers(data.get("servers", {}), collector),
+        instances=_build_instances(data.get("instances", []), collector),
+    )
+
+
+def _build_servers(raw: Any, collector: _Collector) -> tuple[ServerConfig, ...]:
+    if not isinstance(raw, Mapping):
+        collector.add("servers", "expected a [servers] table with a `servers = [...]` list", anchor="servers")
+        return ()
+    for key in raw:
+        if key != "servers":
+            collector.add(f"servers.{key}", _unknown_key_message(key, ("servers",)), anchor=key)
+    entries = raw.get("servers", [])
+    if not isinstance(entries, list):
+        collector.add("servers.servers", "expected a list of { url = ..., max_concurrent_requests = ... }")
+        return ()
+    servers: list[ServerConfig] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        where = f"servers[{index}]"
+        near = entry.get("url") if isinstance(entry, Mapping) and isinstance(entry.get("url"), str) else None
+        values = collector.table(where, entry, SERVER_SCHEMA, near=near)
+        if not isinstance(entry, Mapping):
+            continue
+        if "url" not in entry:
+            collector.add(where, "missing required key 'url'", anchor="servers")
+            continue
+        if "url" not in values:
+            continue
+        values["url"] = normalize_url(values["url"])
+        if values["url"] in seen:
+            collector.add(f"{where}.url", f"{values['url']} is listed twice", anchor="url", near=near)
+            continue
+        seen.add(values["url"])
+        values["models"] = tuple(values.get("models", ()))
+        servers.append(ServerConfig(**values))
+    return tuple(servers)
+
+
+def _build_instances(raw: Any, collector: _Collector) -> tuple[InstanceConfig, ...]:
+    if not isinstance(raw, list):
+        collector.add("instances", "expected [[instances]] tables", anchor="instances")
+        return ()
+    instances: list[InstanceConfig] = []
+    for index, entry in enumerate(raw):
+        where = f"instances[{index}]"
+        near = entry.get("model") if isinstance(entry, Mapping) and isinstance(entry.get("model"), str) else None
+        values = collector.table(where, entry, INSTANCE_SCHEMA, near=near)
+        if isinstance(entry, Mapping) and "model" not in entry:
+            collector.add(where, "missing required key 'model'", anchor="instances")
+            continue
+        if "model" not in values:
+            continue
+        instances.append(InstanceConfig(**_instance_values(values)))
+    _check_instance_labels(instances, collector)
+    return tuple(instances)
+
+
+def _instance_values(values: dict[str, Any]) -> dict[str, Any]:
+    devices = values.get("devices", ())
+    if isinstance(devices, str):
+        devices = [int(part) for part in devices.split(",") if part.strip()]
+    values["devices"] = tuple(devices)
+    values["port_range"] = tuple(values.get("port_range", InstanceConfig.port_range))
+    values["extra_args"] = tuple(values.get("extra_args", ()))
+    values["command"] = tuple(values.get("command", ()))
+    values["env"] = tuple(sorted(values.get("env", {}).items()))
+    return values
+
+
+def _check_instance_labels(instances: list[InstanceConfig], collector: _Collector) -> None:
+    labels = [instance.label for instance in instances]
+    for label in {label for label in labels if labels.count(label) > 1}:
+        collector.add("instances", f"two instances are named {label!r}; give each a distinct `name`", anchor="name")

@@ -1,0 +1,98 @@
+"""Routing policies: pure functions from the candidates' load to one choice.
+
+No I/O, no aiohttp, no Textual. Every policy takes the candidates (already filtered to
+servers that serve the model and may take new requests), a random source and a turn
+counter, and returns the chosen candidate.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Protocol, Sequence, TypeVar
+
+
+class Loaded(Protocol):
+    @property
+    def running(self) -> float: ...
+    @property
+    def waiting(self) -> float: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def sent_since_scrape(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+
+
+T = TypeVar("T", bound=Loaded)
+Policy = Callable[[Sequence[T], random.Random, int], T]
+
+PREFERRED_LOAD = 0.5
+
+
+def balanced_score(server: Loaded) -> float:
+    """mvllm's `(running + 0.5 * waiting) / capacity`, plus what the router sent since the
+    last scrape so that requests between two polls do not all land on one 'idle' server."""
+    return (server.running + 0.5 * server.waiting + server.sent_since_scrape) / server.capacity
+
+
+def in_flight_score(server: Loaded) -> float:
+    return server.in_flight / server.capacity
+
+
+def _lowest(candidates: Sequence[T], score: Callable[[Loaded], float], rng: random.Random) -> T:
+    best = min(score(candidate) for candidate in candidates)
+    tied = [candidate for candidate in candidates if score(candidate) == best]
+    return tied[0] if len(tied) == 1 else rng.choice(tied)
+
+
+def balanced(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
+    """Prefer servers under 50 % load, then the least loaded; ties at random. When every
+    server is full the least loaded still gets it: vLLM queues the request."""
+    preferred = [candidate for candidate in candidates if balanced_score(candidate) < PREFERRED_LOAD]
+    return _lowest(preferred or candidates, balanced_score, rng)
+
+
+def least_loaded(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
+    """The fewest of the router's own requests in flight per unit of capacity."""
+    return _lowest(candidates, in_flight_score, rng)
+
+
+def round_robin(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
+    return candidates[turn % len(candidates)]
+
+
+def power_of_two(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
+    """Two at random, the less loaded of them."""
+    if len(candidates) == 1:
+        return candidates[0]
+    first, second = rng.sample(list(candidates), 2)
+    return first if balanced_score(first) <= balanced_score(second) else second
+
+
+POLICIES: dict[str, Policy] = {
+    "balanced": balanced,
+    "least_loaded": least_loaded,
+    "round_robin": round_robin,
+    "power_of_two": power_of_two,
+}
+
+
+class Chooser:
+    """Holds the policy, the random source and the turn counter between requests."""
+
+    def __init__(self, policy: str = "balanced", rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+        self.turn = 0
+        self.policy_name = policy
+        self.policy: Policy = POLICIES[policy]
+
+    def set_policy(self, policy: str) -> None:
+        self.policy_name = policy
+        self.policy = POLICIES[policy]
+
+    def choose(self, candidates: Sequence[T]) -> T | None:
+        if not candidates:
+            return None
+        self.turn += 1
+        return self.policy(candidates, self.rng, self.turn)

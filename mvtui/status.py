@@ -1,0 +1,78 @@
+"""The router's own endpoints on its port: /health, /load-stats, /metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from mvtui.cluster import Cluster, Server
+
+
+def server_status(server: Server) -> dict[str, Any]:
+    """One server as /health and /load-stats show it (a superset of mvllm's fields)."""
+    return {
+        "name": server.name,
+        "url": server.url,
+        "state": server.state,
+        "healthy": server.is_up,
+        "routable": server.routable,
+        "models": list(server.models),
+        "running": server.running,
+        "waiting": server.waiting,
+        "capacity": server.capacity,
+        "max_concurrent_requests": server.capacity,
+        "load": round(server.load, 4),
+        "in_flight": server.in_flight,
+        "sent_since_scrape": server.sent_since_scrape,
+        "kv_cache_usage": server.metrics.kv_cache_usage,
+        "draining": server.drain,
+        "sleep_level": server.sleep_level,
+        "requests": server.stats.requests,
+        "errors": server.stats.errors,
+        "retries": server.stats.retries,
+        "ttft_p50": server.stats.ttft_p50,
+        "last_error": server.last_error or None,
+    }
+
+
+class StatusEndpoints:
+    def __init__(self, cluster: Cluster, registry: CollectorRegistry) -> None:
+        self.cluster = cluster
+        self.registry = registry
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/health", self.health),
+            web.get("/load-stats", self.load_stats),
+            web.get("/metrics", self.metrics),
+        ]
+
+    async def health(self, request: web.Request) -> web.Response:
+        servers = [server_status(server) for server in self.cluster]
+        healthy = sum(server["healthy"] for server in servers)
+        body = {
+            "status": "healthy" if healthy else "unhealthy",
+            "healthy_servers": healthy,
+            "total_servers": len(servers),
+            "servers": servers,
+        }
+        return web.json_response(body, status=200 if healthy else 503)
+
+    async def load_stats(self, request: web.Request) -> web.Response:
+        summary = self.cluster.summary()
+        return web.json_response(
+            {
+                "servers": [server_status(server) for server in self.cluster],
+                "healthy_servers": summary.up,
+                "total_servers": summary.total,
+                "in_flight": summary.in_flight,
+                "models": self.cluster.models(),
+            }
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(self.registry))
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response

@@ -1,0 +1,49 @@
+"""The router's own Prometheus metrics, on a registry that is passed in."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from mvtui.cluster import Cluster
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry, cluster: Cluster) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "mvtui_requests", "Requests answered, by server, model and status", ["server", "model", "status"], registry=registry
+        )
+        self.retries = Counter("mvtui_retries", "Requests retried on another server, by the server that failed", ["server"], registry=registry)
+        self.latency = Histogram(
+            "mvtui_request_latency_seconds", "Time from request to last byte", ["model"], buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.ttft = Histogram(
+            "mvtui_time_to_first_token_seconds", "Time to the first streamed chunk", ["model"], buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.poll_errors = Counter("mvtui_poll_errors", "Failed health or metrics polls", ["server", "kind"], registry=registry)
+        registry.register(ClusterCollector(cluster))
+
+
+class ClusterCollector(Collector):
+    """Gauges read from the cluster at scrape time, so the request path pays nothing."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        in_flight = GaugeMetricFamily("mvtui_in_flight_requests", "Requests the router has sent and not seen finish", labels=["server"])
+        up = GaugeMetricFamily("mvtui_server_up", "1 when the server is healthy", labels=["server"])
+        load = GaugeMetricFamily("mvtui_server_load", "Load score used for routing", labels=["server"])
+        routable = GaugeMetricFamily("mvtui_server_routable", "1 when the server may get new requests", labels=["server"])
+        for server in self.cluster:
+            in_flight.add_metric([server.name], server.in_flight)
+            up.add_metric([server.name], 1.0 if server.is_up else 0.0)
+            load.add_metric([server.name], server.load)
+            routable.add_metric([server.name], 1.0 if server.routable else 0.0)
+        yield from (in_flight, up, load, routable)

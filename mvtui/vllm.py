@@ -1,0 +1,191 @@
+"""What mvtui knows of a vLLM server from outside: its metrics page and its control calls."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from mvtui.cluster import EngineMetrics
+
+# Exact names only: a prefix match would count `num_requests_waiting_by_reason` as waiting.
+_FIELD_BY_METRIC = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:generation_tokens_total": "generation_tokens",
+    "vllm:request_success_total": "requests_finished",
+    "vllm:num_preemptions_total": "preemptions",
+    "vllm:prefix_cache_queries_total": "prefix_cache_queries",
+    "vllm:prefix_cache_hits_total": "prefix_cache_hits",
+}
+# Older vLLM (<= 0.10): read when the new name is absent.
+_LEGACY_FIELD_BY_METRIC = {
+    "vllm:gpu_prefix_cache_queries_total": "prefix_cache_queries",
+    "vllm:gpu_prefix_cache_hits_total": "prefix_cache_hits",
+}
+_KV_NEW = "vllm:kv_cache_usage_perc"
+_KV_LEGACY = "vllm:gpu_cache_usage_perc"
+_SLEEP_STATE = "vllm:engine_sleep_state"
+_WANTED = set(_FIELD_BY_METRIC) | set(_LEGACY_FIELD_BY_METRIC) | {_KV_NEW, _KV_LEGACY, _SLEEP_STATE}
+
+
+@dataclass
+class _Sums:
+    values: dict[str, float] = field(default_factory=dict)
+    legacy: dict[str, float] = field(default_factory=dict)
+    kv_new: list[float] = field(default_factory=list)
+    kv_legacy: list[float] = field(default_factory=list)
+    per_model: dict[str, dict[str, float]] = field(default_factory=dict)
+    sleep_state: str | None = None
+
+
+def parse_metrics(text: str, now: float = 0.0) -> EngineMetrics:
+    """Read the numbers the router needs from a Prometheus text page.
+
+    A line scanner instead of prometheus-client's parser: pages are tens of kilobytes of
+    histogram buckets and only a dozen lines matter (see benchmarks/metrics_parse.py).
+    Sums over `engine` and `model_name`; KV-cache use is averaged over engines.
+    """
+    sums = _Sums()
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        brace = line.find("{")
+        space = line.find(" ")
+        end = brace if 0 <= brace < space else space
+        name = line[:end]
+        if name not in _WANTED:
+            continue
+        labels, value = _split_sample(line, end)
+        if value is None:
+            continue
+        _accumulate(sums, name, labels, value)
+    return _to_metrics(sums, now)
+
+
+def _split_sample(line: str, name_end: int) -> tuple[str, float | None]:
+    if line[name_end] == "{":
+        close = line.rfind("}")
+        labels, rest = line[name_end + 1 : close], line[close + 1 :]
+    else:
+        labels, rest = "", line[name_end:]
+    parts = rest.split()
+    try:
+        return labels, float(parts[0])
+    except (IndexError, ValueError):
+        return labels, None
+
+
+def _label(labels: str, key: str) -> str:
+    marker = key + '="'
+    start = labels.find(marker)
+    if start < 0:
+        return ""
+    start += len(marker)
+    return labels[start : labels.find('"', start)]
+
+
+def _accumulate(sums: _Sums, name: str, labels: str, value: float) -> None:
+    if name == _KV_NEW:
+        sums.kv_new.append(value)
+    elif name == _KV_LEGACY:
+        sums.kv_legacy.append(value)
+    elif name == _SLEEP_STATE:
+        if value >= 1:
+            sums.sleep_state = _label(labels, "sleep_state")
+    elif name in _FIELD_BY_METRIC:
+        key = _FIELD_BY_METRIC[name]
+        sums.values[key] = sums.values.get(key, 0.0) + value
+        if key in ("running", "waiting"):
+            model = sums.per_model.setdefault(_label(labels, "model_name"), {})
+            model[key] = model.get(key, 0.0) + value
+    else:
+        key = _LEGACY_FIELD_BY_METRIC[name]
+        sums.legacy[key] = sums.legacy.get(key, 0.0) + value
+
+
+def _to_metrics(sums: _Sums, now: float) -> EngineMetrics:
+    values = {**sums.legacy, **sums.values}
+    kv = sums.kv_new or sums.kv_legacy
+    return EngineMetrics(
+        running=values.get("running", 0.0),
+        waiting=values.get("waiting", 0.0),
+        kv_cache_usage=sum(kv) / len(kv) if kv else None,
+        prompt_tokens=values.get("prompt_tokens", 0.0),
+        generation_tokens=values.get("generation_tokens", 0.0),
+        requests_finished=values.get("requests_finished", 0.0),
+        preemptions=values.get("preemptions", 0.0),
+        prefix_cache_queries=values.get("prefix_cache_queries", 0.0),
+        prefix_cache_hits=values.get("prefix_cache_hits", 0.0),
+        sleep_state=sums.sleep_state,
+        scraped_at=now,
+    )
+
+
+SLEEP_LEVEL_BY_STATE = {"awake": 0, "weights_offloaded": 1, "discard_all": 2}
+
+
+class VllmError(Exception):
+    """A control call answered with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class VllmClient:
+    """Calls to one vLLM server over the shared session."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, api_key: str | None = None, timeout: float = 5.0) -> None:
+        self.session = session
+        self.url = url
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        async with self.session.get(self.url + path, headers=self.headers, timeout=self.timeout) as response:
+            return response.status, await response.read()
+
+    async def _post(self, path: str, *, params: dict | None = None, json: dict | None = None, timeout: float | None = None) -> None:
+        limit = aiohttp.ClientTimeout(total=timeout) if timeout else self.timeout
+        async with self.session.post(self.url + path, headers=self.headers, params=params, json=json, timeout=limit) as response:
+            body = await response.text()
+            if response.status >= 400:
+                raise VllmError(response.status, f"{path} answered {response.status}: {body[:200]}")
+
+    async def health(self) -> int:
+        status, _ = await self._get("/health")
+        return status
+
+    async def metrics_text(self) -> str:
+        status, body = await self._get("/metrics")
+        if status != 200:
+            raise VllmError(status, f"/metrics answered {status}")
+        return body.decode("utf-8", "replace")
+
+    async def models(self) -> list[dict]:
+        async with self.session.get(self.url + "/v1/models", headers=self.headers, timeout=self.timeout) as response:
+            if response.status != 200:
+                raise VllmError(response.status, f"/v1/models answered {response.status}")
+            payload = await response.json(content_type=None)
+        return [card for card in payload.get("data", []) if isinstance(card, dict) and "id" in card]
+
+    async def is_sleeping(self) -> bool:
+        status, body = await self._get("/is_sleeping")
+        if status != 200:
+            raise VllmError(status, f"/is_sleeping answered {status}")
+        return bool(json.loads(body).get("is_sleeping"))
+
+    async def sleep(self, level: int, timeout: float = 120.0) -> None:
+        await self._post("/sleep", params={"level": str(level)}, timeout=timeout)
+
+    async def wake_up(self, timeout: float = 300.0) -> None:
+        await self._post("/wake_up", timeout=timeout)
+
+    async def reload_weights(self, timeout: float = 300.0) -> None:
+        await self._post("/collective_rpc", json={"method": "reload_weights"}, timeout=timeout)
+
+    async def reset_prefix_cache(self) -> None:
+        await self._post("/reset_prefix_cache")
