@@ -256,6 +256,19 @@ TIMING_SCHEMA: dict[str, Check] = {
     "drain_timeout": _number(0),
     "shutdown_timeout": _number(0),
 }
+# mvllm's other `[config]` keys: accepted so its servers.toml loads unchanged, checked for
+# type, and not used (mvtui's health hysteresis and reload-on-change replace them).
+MVLLM_TIMING_KEYS: dict[str, Check] = {
+    "config_reload_interval": _number(0),
+    "health_check_timeout": _number(0),
+    "failure_threshold": _number(1, integer=True),
+    "auto_recovery_threshold": _number(0),
+    "enable_active_health_check": _boolean,
+    "health_check_max_response_time": _number(0),
+    "health_check_min_success_rate": _number(0),
+    "health_check_window_size": _number(1, integer=True),
+    "health_check_consecutive_failures": _number(1, integer=True),
+}
 ADMIN_SCHEMA: dict[str, Check] = {"host": _string(), "port": _port, "token": _string(), "enabled": _boolean}
 UI_SCHEMA: dict[str, Check] = {"theme": _string(), "refresh_per_s": _number(0.2)}
 SERVER_SCHEMA: dict[str, Check] = {
@@ -299,20 +312,30 @@ class _Collector:
         line, column = _locate(self.text, anchor or where.rsplit(".", 1)[-1], near)
         self.problems.append(Problem(where, message, line, column))
 
-    def table(self, name: str, raw: Any, schema: Mapping[str, Check], *, near: str | None = None) -> dict[str, Any]:
-        """Validated plain values of one table; unknown keys get a did-you-mean."""
+    def table(
+        self,
+        name: str,
+        raw: Any,
+        schema: Mapping[str, Check],
+        *,
+        near: str | None = None,
+        ignored: Mapping[str, Check] | None = None,
+    ) -> dict[str, Any]:
+        """Validated plain values of one table; unknown keys get a did-you-mean. Keys in
+        `ignored` are checked but left out of the result."""
         if not isinstance(raw, Mapping):
             self.add(name, f"expected a table, got {_describe(raw)}", anchor=name.split("[")[0])
             return {}
         values: dict[str, Any] = {}
         for key, value in raw.items():
-            if key not in schema:
+            check = schema.get(key) or (ignored or {}).get(key)
+            if check is None:
                 self.add(f"{name}.{key}", _unknown_key_message(key, schema), anchor=key, near=near)
                 continue
-            problem = schema[key](value)
+            problem = check(value)
             if problem:
                 self.add(f"{name}.{key}", problem, anchor=key, near=near)
-            else:
+            elif key in schema:
                 values[key] = value
         return values
 
@@ -348,12 +371,17 @@ def parse_config(text: str, path: Path | str | None = None) -> Config:
     try:
         document = tomlkit.parse(text)
     except ParseError as error:
-        raise ConfigError(path, [Problem("TOML", _parse_message(error), error.line, error.col)]) from None
+        # tomlkit counts columns from 0; every other problem counts from 1
+        raise ConfigError(path, [Problem("TOML", _parse_message(error), error.line, error.col + 1)]) from None
     collector = _Collector(text)
     config = _build(document.unwrap(), collector)
     if collector.problems:
-        raise ConfigError(path, collector.problems)
+        raise ConfigError(path, sorted(collector.problems, key=_position))
     return config
+
+
+def _position(problem: Problem) -> tuple[bool, int, int]:
+    return problem.line is None, problem.line or 0, problem.column or 0
 
 
 def load_config(path: Path | str) -> Config:
@@ -366,17 +394,19 @@ def load_config(path: Path | str) -> Config:
 
 
 def _parse_message(error: ParseError) -> str:
-    return str(error).split(" at line ")[0]
+    message = str(error).split(" at line ")[0]
+    message = message.replace("Unexpected character: '\\x00'", "unexpected end of file (an unclosed [ or {?)")
+    return message.replace("Unexpected character: '\\n'", "unexpected end of line")
 
 
 def _build(data: dict[str, Any], collector: _Collector) -> Config:
     for key in data:
         if key not in TOP_LEVEL:
             collector.add(key, _unknown_key_message(key, TOP_LEVEL), anchor=key)
-    router = collector.table("router", data.get("router", {}), ROUTER_SCHEMA)
-    timing = collector.table("config", data.get("config", {}), TIMING_SCHEMA)
-    admin = collector.table("admin", data.get("admin", {}), ADMIN_SCHEMA)
-    ui = collector.table("ui", data.get("ui", {}), UI_SCHEMA)
+    router = collector.table("router", data.get("router", {}), ROUTER_SCHEMA, near="[router]")
+    timing = collector.table("config", data.get("config", {}), TIMING_SCHEMA, near="[config]", ignored=MVLLM_TIMING_KEYS)
+    admin = collector.table("admin", data.get("admin", {}), ADMIN_SCHEMA, near="[admin]")
+    ui = collector.table("ui", data.get("ui", {}), UI_SCHEMA, near="[ui]")
     if "api_keys" in router:
         router["api_keys"] = tuple(router["api_keys"])
     return Config(
