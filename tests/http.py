@@ -36,7 +36,9 @@ def _send(
 ) -> http.client.HTTPConnection:
     connection, path = _connect(url, timeout)
     body = jsonlib.dumps(json).encode() if json is not None else content
-    all_headers = {"Content-Type": "application/json", **(headers or {})} if body is not None else dict(headers or {})
+    all_headers = dict(headers or {})
+    if body is not None and not any(name.lower() == "content-type" for name in all_headers):
+        all_headers["Content-Type"] = "application/json"
     connection.request(method, path, body=body, headers=all_headers)
     return connection
 

@@ -223,7 +223,7 @@ def test_503_with_retry_after_for_a_known_model_without_healthy_servers(tmp_path
         wait_until(lambda: by_name(router)[f"http://127.0.0.1:{dead}"]["state"] == "down")
         response = http.post(router.url + "/v1/chat/completions", json={"model": "llama", "messages": [{"role": "user", "content": "x"}]})
         assert response.status_code == 503
-        assert response.headers["Retry-After"]
+        assert response.headers["retry-after"]
         assert response.json()["error"]["message"]
     finally:
         router.stop()

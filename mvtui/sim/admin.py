@@ -68,6 +68,8 @@ class AdminRoutes:
         except FaultUpdateError as exc:
             raise ApiError(400, str(exc)) from None
         runtime.engine.slow = runtime.faults.slow
+        if runtime.faults.dead:
+            runtime.engine.abort_all()  # a dead engine takes its in-flight requests with it
         if body.get("exit") is True:
             asyncio.get_running_loop().call_later(EXIT_DELAY_S, self._on_exit)
         return web.json_response(runtime.faults.as_dict())

@@ -162,7 +162,7 @@ class Engine:
         """Drop a sequence wherever it is; its slot and blocks are free at once."""
         if seq.finished:
             return
-        if seq.phase is Phase.WAITING:
+        if seq.phase is Phase.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self._finish(seq, self._clock(), "abort")
         self.kick()

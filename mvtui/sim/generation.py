@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -9,13 +10,14 @@ from aiohttp import web
 
 from mvtui.errors import sse_error_event
 from mvtui.sim import text
+from mvtui.sim.config import SimConfig
 from mvtui.sim.engine import Sequence
-from mvtui.sim.formats import ChatFormat, CompletionFormat, GenerationFormat, ResponsesFormat, usage
+from mvtui.sim.formats import DONE, ChatFormat, CompletionFormat, GenerationFormat, ResponsesFormat, usage
 from mvtui.sim.parsing import GenerationRequest, parse_chat, parse_completion, parse_responses, read_json
 from mvtui.sim.runtime import ApiError, Runtime
 
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-Parser = Callable[[dict[str, Any], Any, str], GenerationRequest]
+Parser = Callable[[dict[str, Any], SimConfig, str], GenerationRequest]
 
 
 def plan_sequence(runtime: Runtime, request: GenerationRequest, request_id: str) -> Sequence:
@@ -64,11 +66,12 @@ class GenerationRoutes:
     async def _generate(self, request: web.Request, parser: Parser,
                         format_class: type[GenerationFormat]) -> web.StreamResponse:
         runtime = self._runtime
+        runtime.counters.received += 1
         body = await read_json(request)
         model = runtime.resolve_model(body.get("model"))
         generation = parser(body, runtime.config, model)
         await runtime.admit()
-        output = format_class(model, runtime.started_at)
+        output = format_class(model, int(time.time()))
         seq = runtime.engine.submit(plan_sequence(runtime, generation, output.id))
         try:
             if generation.stream:
@@ -102,7 +105,7 @@ class GenerationRoutes:
 
     def _stream_end(self, generation: GenerationRequest, seq: Sequence, output: GenerationFormat) -> str:
         if seq.finish_reason == "abort":
-            return sse_error_event(500, "the engine aborted the request").decode() + "data: [DONE]\n\n"
+            return sse_error_event(500, "the engine aborted the request").decode() + DONE
         text_out = text.words_text(seq.words[: seq.visible])
         return output.stream_tail(text_out, seq.end_reason, self._usage(seq), generation.include_usage)
 

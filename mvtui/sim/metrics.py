@@ -58,10 +58,6 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += times
         self.total += value * times
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
     def cumulative_buckets(self) -> list[tuple[str, float]]:
         running, buckets = 0, []
         for bound, count in zip((*self.bounds, float("inf")), self.counts):

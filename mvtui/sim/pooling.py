@@ -90,17 +90,23 @@ class PoolingRoutes:
 
     def _inference(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
+            self._runtime.counters.received += 1
             body = await read_json(request)
             model = self._runtime.resolve_model(body.get("model"))
             return web.json_response(await handler(body, model))
 
         return handle
 
-    async def _prefill(self, prompt_tokens: int) -> None:
-        """Run the inputs' prefill through the engine; returns when it is done."""
-        runtime = self._runtime
+    async def _prefill(self, token_counts: list[int]) -> int:
+        """Run the inputs' prefill through the engine; returns their total tokens once done."""
+        runtime, limit = self._runtime, self._runtime.config.max_model_len
+        if max(token_counts) > limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you "
+                                f"requested {max(token_counts)} tokens in the input for embedding generation.")
         await runtime.admit()
-        seq = Sequence(request_id=new_id("pool-"), prompt_tokens=prompt_tokens, words=(), visible=0,
+        # vLLM runs one engine request per input; one sequence of at most a context's worth stands in.
+        total = sum(token_counts)
+        seq = Sequence(request_id=new_id("pool-"), prompt_tokens=min(total, limit), words=(), visible=0,
                        end_reason="stop")
         runtime.engine.submit(seq)
         try:
@@ -109,6 +115,7 @@ class PoolingRoutes:
             runtime.engine.abort(seq)
         if seq.finish_reason == "abort":
             raise ApiError(500, "the engine aborted the request")
+        return total
 
     def _envelope(self, prefix: str, model: str, data: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
         return {"id": new_id(prefix), "object": "list", "created": int(time.time()), "model": model,
@@ -120,8 +127,7 @@ class PoolingRoutes:
         if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
             raise ApiError(400, "dimensions must be a positive integer", param="dimensions")
         as_base64 = body.get("encoding_format") == "base64"
-        tokens = sum(item.tokens for item in inputs)
-        await self._prefill(tokens)
+        tokens = await self._prefill([item.tokens for item in inputs])
         data = []
         for index, item in enumerate(inputs):
             vector = text.embedding(item.key, dimensions)
@@ -131,16 +137,14 @@ class PoolingRoutes:
 
     async def _pooling(self, body: dict[str, Any], model: str) -> dict[str, Any]:
         inputs = pooling_inputs(require(body, "input"), "input")
-        tokens = sum(item.tokens for item in inputs)
-        await self._prefill(tokens)
+        tokens = await self._prefill([item.tokens for item in inputs])
         data = [{"index": i, "object": "pooling", "data": text.embedding(item.key, DEFAULT_EMBEDDING_DIM)}
                 for i, item in enumerate(inputs)]
         return self._envelope("pool-", model, data, tokens)
 
     async def _classify(self, body: dict[str, Any], model: str) -> dict[str, Any]:
         inputs = pooling_inputs(require(body, "input"), "input")
-        tokens = sum(item.tokens for item in inputs)
-        await self._prefill(tokens)
+        tokens = await self._prefill([item.tokens for item in inputs])
         data = []
         for index, item in enumerate(inputs):
             positive = text.relevance("good great fast ready", item.key)
@@ -151,8 +155,7 @@ class PoolingRoutes:
 
     async def _score(self, body: dict[str, Any], model: str) -> dict[str, Any]:
         pairs = score_pairs(body)
-        tokens = sum(text.count_tokens(a) + text.count_tokens(b) for a, b in pairs)
-        await self._prefill(tokens)
+        tokens = await self._prefill([text.count_tokens(a) + text.count_tokens(b) for a, b in pairs])
         data = [{"index": i, "object": "score", "score": text.relevance(a, b)} for i, (a, b) in enumerate(pairs)]
         return self._envelope("score-", model, data, tokens)
 
@@ -163,8 +166,9 @@ class PoolingRoutes:
             raise ApiError(400, "documents must be a non-empty list", param="documents")
         texts = [document_text(d) for d in documents]
         top_n = body.get("top_n") or len(texts)
-        tokens = sum(text.count_tokens(query) + text.count_tokens(t) for t in texts)
-        await self._prefill(tokens)
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
+            raise ApiError(400, "top_n must be a non-negative integer", param="top_n")
+        tokens = await self._prefill([text.count_tokens(query) + text.count_tokens(t) for t in texts])
         results = [{"index": i, "document": {"text": t}, "relevance_score": text.relevance(query, t)}
                    for i, t in enumerate(texts)]
         results.sort(key=lambda r: r["relevance_score"], reverse=True)

@@ -114,6 +114,7 @@ class Runtime:
             waiting=live.waiting,
             aborted=finished["abort"],
             finished=sum(count for reason, count in finished.items() if reason != "abort"),
+            received=counters.received,
             requests=counters.requests,
             failed=counters.failed,
             hung=counters.hung,

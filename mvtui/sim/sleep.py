@@ -1,4 +1,14 @@
-"""vLLM's sleep mode: levels, wake-up delays, weight reload after a level 2 sleep."""
+"""vLLM's sleep mode: levels, wake-up delays, weight reload after a level 2 sleep.
+
+- `POST /sleep?level=1|2[&mode=abort|wait|keep]`: requests in flight are aborted (default),
+  waited for, or preempted to resume after the wake. Either level drops the KV (prefix) cache.
+- Inference requests that arrive while asleep or waking are held until the wake (they show as
+  waiting, reason "deferred"), or answered 500 with `--sleep-requests fail`.
+- After a level 2 wake the weights are gone: until `POST /collective_rpc {"method":
+  "reload_weights"}`, inference requests are answered 500 (a real engine would produce garbage;
+  an error is what a test can see). `/reset_prefix_cache` is then expected; `/sim/state` shows
+  `prefix_cache_reset_needed` until it comes.
+"""
 
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ def _checked(name: str, value: Any) -> Any:
 class RequestCounters:
     """What happened at the HTTP edge, before or beside the engine."""
 
-    requests: int = 0  # inference requests that passed validation
+    received: int = 0  # inference requests that reached a handler, whatever became of them
+    requests: int = 0  # inference requests admitted to the engine
     failed: int = 0  # answered 500 by the fail_rate fault or while dead
     hung: int = 0
     cut: int = 0
@@ -76,6 +77,7 @@ class SimStats:
     waiting: int
     aborted: int
     finished: int
+    received: int
     requests: int
     failed: int
     hung: int
