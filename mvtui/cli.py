@@ -6,9 +6,9 @@ The UI is imported only when it is about to run, so the headless paths never loa
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mvtui.sim import add_sim_arguments
 
     add_sim_arguments(sim)
+    from mvtui.admin_cli import add_admin_commands
+
+    add_admin_commands(commands)
     return parser
 
 
@@ -71,7 +74,8 @@ def core_factory(args: argparse.Namespace, paths: AppPaths) -> CoreFactory:
 
     @contextlib.asynccontextmanager
     async def open_core() -> AsyncIterator[Services]:
-        async with Services(config, config_path=path, paths=paths) as services:
+        overrides = functools.partial(with_overrides, args=args)  # every reload keeps --port/--host
+        async with Services(config, config_path=path, paths=paths, overrides=overrides) as services:
             yield services
 
     return open_core
@@ -89,6 +93,7 @@ def configure_logging(verbose: bool, to_file: Path | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # "1 change detected" per save
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mvtui.sim import run_sim_from_args
 
         return run_sim_from_args(args)
+    from mvtui.admin_cli import ADMIN_COMMANDS, run_admin_command
+
+    if args.command in ADMIN_COMMANDS:  # talks to a running mvtui: no config, no logging setup
+        return run_admin_command(args, AppPaths.default())
     paths = AppPaths.default()
     configure_logging(args.verbose, None if args.no_ui else paths.log_dir / "mvtui.log")
     try:
@@ -105,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error if error.problems else f"{error.path}: no such config file", file=sys.stderr)
         return 2
     if args.no_ui:
-        from mvtui.headless import run_headless
+        from mvtui.headless import serve_headless
 
-        return asyncio.run(run_headless(factory))
+        return serve_headless(factory)
     from mvtui.ui.app import run_dashboard
 
     return run_dashboard(factory, paths)

@@ -129,6 +129,8 @@ class Server:
         self.waking = False
         self.sleep_pending = False
         self.sleep_capable: bool | None = None
+        # Bumped at every sleep/wake transition; a poll answer issued before it is stale.
+        self.sleep_epoch = 0
         self.lifecycle: str | None = None
         self.removed = False
         self.last_error = ""
@@ -257,6 +259,8 @@ class Cluster:
         self.clock = clock
         self.servers: dict[str, Server] = {}
         self.request_log: deque[RequestRecord] = deque(maxlen=log_length)
+        # The last events, for views that open after they happened (the dashboard's pane).
+        self.events: deque[ClusterEvent] = deque(maxlen=200)
         self._listeners: list[Listener] = []
 
     def __iter__(self) -> Iterator[Server]:
@@ -271,6 +275,7 @@ class Cluster:
 
     def emit(self, kind: str, server: Server | str, message: str) -> None:
         event = ClusterEvent(kind, server if isinstance(server, str) else server.name, message)
+        self.events.append(event)
         for listener in list(self._listeners):
             listener(event)
 
@@ -342,11 +347,13 @@ class Cluster:
 
     def summary(self) -> "ClusterSummary":
         servers = list(self.servers.values())
+        # A down or sleeping server is not scraped: its last rates are history, not now.
+        scraped = [server for server in servers if server.is_up and not server.asleep]
         return ClusterSummary(
             up=sum(server.is_up for server in servers),
             total=len(servers),
-            request_rate=sum(server.stats.request_rate.latest for server in servers),
-            token_rate=sum(server.stats.token_rate.latest for server in servers),
+            request_rate=sum(server.stats.request_rate.latest for server in scraped),
+            token_rate=sum(server.stats.token_rate.latest for server in scraped),
             errors=sum(server.stats.errors for server in servers),
             retries=sum(server.stats.retries for server in servers),
             in_flight=sum(server.in_flight for server in servers),

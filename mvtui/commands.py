@@ -3,7 +3,13 @@ all call these; none of them speaks to a server any other way."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mvtui.cluster import Cluster, Server
+
+if TYPE_CHECKING:  # both import this module: only the type checker may import them here
+    from mvtui.control import Controller
+    from mvtui.instances import Instance, InstanceManager
 
 
 class CommandError(Exception):
@@ -33,3 +39,25 @@ def undrain(cluster: Cluster, key: str) -> Server:
         server.drain = False
         cluster.emit("undrain", server, "taking requests again")
     return server
+
+
+async def sleep(control: "Controller", key: str, level: int) -> Server:
+    """Drain (bounded by drain_timeout), then `/sleep?level=N`, then confirm. A server
+    without sleep mode raises CommandError and keeps its state."""
+    return await control.sleep(key, level)
+
+
+async def wake(control: "Controller", key: str) -> Server:
+    """`/wake_up` (after a level 2 sleep also reload_weights and reset_prefix_cache);
+    shares a wake already under way."""
+    return await control.wake(key)
+
+
+async def start_instance(instances: "InstanceManager", key: str) -> "Instance":
+    """Start a local instance (or join its start); CommandError carries the log's last lines."""
+    return await instances.start(key)
+
+
+async def stop_instance(instances: "InstanceManager", key: str) -> "Instance":
+    """Drain a local instance, then SIGTERM its process group (SIGKILL after shutdown_timeout)."""
+    return await instances.stop(key)

@@ -390,6 +390,8 @@ def load_config(path: Path | str) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(path, [Problem("file", f"cannot read it: {error.strerror or error}")]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(path, [Problem("file", f"not UTF-8 text: {error.reason} at byte {error.start}")]) from None
     return parse_config(text, path)
 
 

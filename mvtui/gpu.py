@@ -163,3 +163,20 @@ def _nvml_reason(error: Exception) -> str:
     if "driver" in lowered or "shared library" in lowered or "libnvidia-ml" in lowered:
         return f"no NVIDIA driver ({text})"
     return f"NVML error: {text}"
+
+
+class GpuSampler:
+    """The latest snapshot of a probe, read in a thread at most once per `interval` seconds,
+    so that readers (the dashboard's tick) never call NVML themselves."""
+
+    MIN_INTERVAL_S = 1.0
+
+    def __init__(self, probe: GpuProbe, interval: float = MIN_INTERVAL_S) -> None:
+        self.probe = probe
+        self.interval = max(self.MIN_INTERVAL_S, interval)
+        self.latest: GpuSnapshot | None = None
+
+    async def run(self) -> None:
+        while True:
+            self.latest = await self.probe.sample()
+            await asyncio.sleep(self.interval)

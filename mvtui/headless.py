@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from contextlib import AbstractAsyncContextManager
 from typing import Callable
@@ -14,9 +15,13 @@ from mvtui.services import Services
 log = logging.getLogger("mvtui")
 
 SUMMARY_EVERY_S = 30.0
+LOOP_ENV = "MVTUI_LOOP"  # "asyncio" or "uvloop"; unset: uvloop when installed
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 def log_event(event: ClusterEvent) -> None:
+    if event.kind == "config-error":
+        return  # the reloader logs it as a warning already, with every problem
     log.info("%s: %s", event.server, event.message)
 
 
@@ -52,3 +57,31 @@ async def run_headless(open_core: Callable[[], AbstractAsyncContextManager[Servi
         log.info("stopping: no new requests; waiting for %d in flight", services.cluster.summary().in_flight)
     log.info("stopped")
     return 0
+
+
+def loop_factory(choice: str | None = None) -> LoopFactory | None:
+    """uvloop (the optional `fast` extra) when it is installed, unless $MVTUI_LOOP=asyncio.
+
+    uvloop cuts the router's CPU time per request by about a tenth (benchmarks/router_bench.py).
+    None means asyncio's own loop.
+    """
+    choice = (choice if choice is not None else os.environ.get(LOOP_ENV, "")).strip().lower()
+    if choice not in ("", "asyncio", "uvloop"):
+        log.warning("%s=%s is not asyncio or uvloop: ignored", LOOP_ENV, choice)
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            log.warning("%s=uvloop but uvloop is not installed (pip install 'mvtui[fast]'): using asyncio", LOOP_ENV)
+        return None
+    return uvloop.new_event_loop
+
+
+def serve_headless(open_core: Callable[[], AbstractAsyncContextManager[Services]]) -> int:
+    """`mvtui --no-ui` from synchronous code: the core on uvloop when available."""
+    factory = loop_factory()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        log.info("event loop: %s", "uvloop" if factory is not None else "asyncio")
+        return runner.run(run_headless(open_core))

@@ -84,12 +84,14 @@ class Poller:
         loop = asyncio.get_running_loop()
         while True:
             timing = self.timing()
-            now = loop.time()
-            if now >= next_health or not server.is_up:
-                await self.check_health(server)
-                next_health = now + timing.health_check_interval
-            if server.is_up and not server.asleep:
-                await self.scrape(server)
+            # A managed instance that is not running is watched by its manager instead.
+            if server.lifecycle in (None, "running"):
+                now = loop.time()
+                if now >= next_health or not server.is_up:
+                    await self.check_health(server)
+                    next_health = now + timing.health_check_interval
+                if server.is_up and not server.asleep:
+                    await self.scrape(server)
             await asyncio.sleep(timing.metrics_interval)
 
     async def check_health(self, server: Server) -> None:
@@ -118,6 +120,7 @@ class Poller:
     async def _read_sleep_state(self, server: Server, client: VllmClient) -> None:
         if server.sleep_capable is False or server.waking or server.sleep_pending:
             return
+        epoch = server.sleep_epoch
         try:
             sleeping = await client.is_sleeping()
         except VllmError:
@@ -125,6 +128,8 @@ class Poller:
             return
         except CONNECTION_ERRORS:
             return
+        if epoch != server.sleep_epoch or server.waking or server.sleep_pending:
+            return  # a sleep or wake happened while the answer travelled: it is stale
         server.sleep_capable = True
         if not sleeping:
             server.sleep_level = 0
@@ -135,6 +140,7 @@ class Poller:
         timing = self.timing()
         client = self.client(server, max(0.2, timing.metrics_interval * 0.9))
         sent_before = server.sent_total
+        epoch = server.sleep_epoch
         try:
             text = await client.metrics_text()
         except asyncio.TimeoutError:
@@ -145,7 +151,8 @@ class Poller:
             return
         metrics = parse_metrics(text, asyncio.get_running_loop().time())
         server.scraped(metrics, sent_before)
-        if metrics.sleep_state in SLEEP_LEVEL_BY_STATE and not (server.waking or server.sleep_pending):
+        fresh = epoch == server.sleep_epoch and not (server.waking or server.sleep_pending)
+        if metrics.sleep_state in SLEEP_LEVEL_BY_STATE and fresh:
             server.sleep_level = SLEEP_LEVEL_BY_STATE[metrics.sleep_state]
 
     def _failed(self, server: Server, kind: str, error: str) -> None:

@@ -10,6 +10,7 @@ closes the upstream connection so vLLM aborts the request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from mvtui.cluster import Cluster, RequestRecord, Server
+from mvtui.cluster import Cluster, Health, RequestRecord, Server
 from mvtui.config import Config
 from mvtui.errors import error_response, sse_error_event
 from mvtui.poller import CONNECTION_ERRORS, describe_error
@@ -60,6 +61,7 @@ HOP_BY_HOP = frozenset(
 )
 RETRY_BACKOFF_S = 0.05
 RETRY_AFTER_S = "2"
+NEWCOMER_WAIT_S = 3.0
 CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer
 
 # Asked when a model has servers but none may take a request now (all asleep, not
@@ -92,6 +94,12 @@ def forward_headers(headers: Mapping[str, str], server_key: str | None, strip_au
         out["Authorization"] = f"Bearer {server_key}"
     out["Accept-Encoding"] = "identity"
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def upstream_timeout(request_timeout: float) -> aiohttp.ClientTimeout:
+    """Timeouts are immutable: one object per configured value instead of one per request."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, request_timeout), sock_read=request_timeout)
 
 
 def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
@@ -128,6 +136,7 @@ class Proxy:
         self.chooser = chooser
         self.metrics = metrics
         self.make_available = make_available
+        self.closing = False  # set at shutdown: keep-alive clients get 503 instead of new work
 
     def routes(self) -> list[web.RouteDef]:
         forward = [web.post(path, self.handle) for path in GENERATION_PATHS]
@@ -142,7 +151,8 @@ class Proxy:
             return error_response(401, "Invalid or missing API key", code="invalid_api_key")
         cards: dict[str, dict] = {}
         for server in self.cluster:
-            if not server.is_up or server.removed:
+            # a managed instance's model is served even while it is stopped: it starts on demand
+            if server.removed or not (server.is_up or server.lifecycle is not None):
                 continue
             for card in server.model_cards or [{"id": name, "object": "model", "owned_by": "vllm"} for name in server.models]:
                 cards.setdefault(card["id"], card)
@@ -151,13 +161,16 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if not self.authorized(request):
             return error_response(401, "Invalid or missing API key", code="invalid_api_key")
+        if self.closing:
+            headers = {"Retry-After": RETRY_AFTER_S, "Connection": "close"}
+            return error_response(503, "mvtui is shutting down", headers=headers)
         try:
-            body, model, stream = self._read_model(await request.read(), request.path)
-            return await self._dispatch(request, body, model, stream)
+            body, model = self._read_model(await request.read())
+            return await self._dispatch(request, body, model)
         except ProxyError as error:
             return error.response()
 
-    def _read_model(self, body: bytes, path: str) -> tuple[bytes, str, bool]:
+    def _read_model(self, body: bytes) -> tuple[bytes, str]:
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as error:
@@ -173,21 +186,45 @@ class Proxy:
             body = json.dumps(payload).encode()
         if not isinstance(model, str):
             raise ProxyError(400, "`model` must be a string")
-        return body, model, payload.get("stream") is True
+        return body, model
 
     async def _choose(self, model: str, tried: set[str]) -> Server:
+        waited_for_newcomers = False
         while True:
             candidates = self.cluster.routable(model)
             if candidates:
                 fresh = [server for server in candidates if server.url not in tried]
                 return self.chooser.choose(fresh or candidates)  # type: ignore[return-value]
             if not self.cluster.serving(model):
+                if not waited_for_newcomers and await self._await_newcomers():
+                    waited_for_newcomers = True
+                    continue
+                silent = [server.name for server in self.cluster if not server.removed and not server.models]
+                if silent:
+                    raise ProxyError(
+                        503,
+                        f"No server that answered serves `{model}`; models not reported yet by {', '.join(silent)}",
+                        headers={"Retry-After": RETRY_AFTER_S},
+                    )
                 models = self.cluster.models()
                 raise ProxyError(404, f"The model `{model}` does not exist. Available models: {', '.join(models) or 'none'}", code="model_not_found")
             if self.make_available is None or not await self.make_available(model):
                 raise ProxyError(503, f"No server can take a request for `{model}` now", headers={"Retry-After": RETRY_AFTER_S})
 
-    async def _dispatch(self, request: web.Request, body: bytes, model: str, stream: bool) -> web.StreamResponse:
+    def _newcomers(self) -> list[Server]:
+        return [server for server in self.cluster if server.health.state is Health.UNKNOWN and not server.removed and server.lifecycle is None]
+
+    async def _await_newcomers(self) -> bool:
+        """Servers added a moment ago have not said which models they serve: wait (bounded)
+        for their first health answer before calling a model unknown. True if any were."""
+        if not self._newcomers():
+            return False
+        deadline = time.monotonic() + NEWCOMER_WAIT_S
+        while self._newcomers() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _dispatch(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
         config = self.config()
         tried: set[str] = set()
         started = time.perf_counter()
@@ -218,7 +255,7 @@ class Proxy:
         self, request: web.Request, server: Server, body: bytes, model: str, config: Config, started: float, *, last: bool
     ) -> tuple[web.StreamResponse, _Outcome] | None:
         """One try on one server; None means: retry elsewhere."""
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, config.timing.request_timeout), sock_read=config.timing.request_timeout)
+        timeout = upstream_timeout(config.timing.request_timeout)
         headers = forward_headers(request.headers, server.config.api_key, strip_auth=bool(config.router.api_keys))
         try:
             upstream = await self.session.request(
@@ -254,19 +291,26 @@ class Proxy:
             response = web.Response(status=upstream.status, body=payload, headers=response_headers(upstream.headers))
             return response, _Outcome(upstream.status, tokens=_completion_tokens(payload))
         response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream.headers))
-        await response.prepare(request)
         outcome = _Outcome(upstream.status, tokens=0)
+        content = upstream.content
+        if not await _send(response, request=request):
+            return response, _Outcome(CLIENT_CLOSED)
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in content.iter_any():
                 if outcome.ttft is None:
                     outcome.ttft = time.perf_counter() - started
                 outcome.tokens += chunk.count(b"data: {")  # type: ignore[operator]
-                await response.write(chunk)
+                last = content.at_eof()  # then the last bytes and the end marker go in one send
+                if not await _send(response, chunk, end=last):
+                    outcome.status = CLIENT_CLOSED  # returning closes the upstream: vLLM aborts
+                    return response, outcome
+                if last:
+                    return response, outcome
         except (aiohttp.ClientPayloadError, *CONNECTION_ERRORS) as error:
             self._upstream_failed(server, error)
             outcome.status = 502
-            await response.write(sse_error_event(502, f"Upstream {server.name} failed mid-stream: {describe_error(error)}"))
-        await response.write_eof()
+            await _send(response, sse_error_event(502, f"Upstream {server.name} failed mid-stream: {describe_error(error)}"))
+        await _send(response, end=True)
         return response, outcome
 
     def _record(self, request: web.Request, model: str, server: Server, outcome: _Outcome, started: float, retries: int) -> None:
@@ -283,6 +327,24 @@ class Proxy:
         self.cluster.record(
             RequestRecord(time.time(), request.method, request.path, model, server.name, status, latency, outcome.ttft, outcome.tokens, retries)
         )
+
+
+async def _send(response: web.StreamResponse, data: bytes = b"", *, end: bool = False, request: web.Request | None = None) -> bool:
+    """Headers (with `request`) or body bytes to the client; False when it has gone.
+
+    Only writes to the client are guarded here, so that a client that left is never
+    mistaken for a failing upstream.
+    """
+    try:
+        if request is not None:
+            await response.prepare(request)
+        elif end:
+            await response.write_eof(data)
+        else:
+            await response.write(data)
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
+        return False
+    return True
 
 
 def _completion_tokens(payload: bytes) -> int | None:

@@ -17,11 +17,16 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from mvtui.admin import AdminServer
 from mvtui.cluster import Clock, Cluster
-from mvtui.config import Config
+from mvtui.config import Config, ConfigError
+from mvtui.control import Controller
+from mvtui.gpu import GpuProbe
+from mvtui.instances import InstanceManager
 from mvtui.paths import AppPaths
 from mvtui.poller import Poller
 from mvtui.proxy import Proxy
+from mvtui.reloader import ConfigReloader
 from mvtui.routing import Chooser
 from mvtui.status import StatusEndpoints
 from mvtui.telemetry import RouterMetrics
@@ -29,6 +34,9 @@ from mvtui.telemetry import RouterMetrics
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
+# aiohttp's default (128) drops SYNs when hundreds of clients connect at once; each then waits
+# a 1 s retransmit (benchmarks/router_bench.py, c=256). The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 
 
 class Services:
@@ -43,6 +51,8 @@ class Services:
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
         registry: CollectorRegistry | None = None,
+        overrides: Callable[[Config], Config] | None = None,
+        gpu: GpuProbe | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -55,10 +65,19 @@ class Services:
         self.poller: Poller | None = None
         self.proxy: Proxy | None = None
         self.router_port: int | None = None
+        self.gpu = gpu if gpu is not None else GpuProbe()  # tests pass a fake pynvml module
+        self.control: Controller | None = None
+        self.instances: InstanceManager | None = None
+        self.admin: AdminServer | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
+        # what the command line sets over the file (e.g. --port); applied to every reload
+        self.overrides: Callable[[Config], Config] = overrides or (lambda config: config)
+        self.reloader: ConfigReloader | None = None
+        # the config file's problems while it is broken (the last good config stays in force)
+        self.config_error: ConfigError | None = None
 
     @property
     def router_url(self) -> str:
@@ -77,13 +96,36 @@ class Services:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
             timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),  # one upstream's cookies must not reach other clients
         )
         self.cluster.apply(self.config.servers, self.config.timing)
         self.poller = Poller(self.cluster, self.session, lambda: self.config.timing, self.metrics)
         self.poller.reconcile()
         self.spawn(self.poller.run(), "poller")
-        self.proxy = Proxy(self.cluster, self.session, lambda: self.config, self.chooser, self.metrics)
+        self._start_control()
+        self.proxy = Proxy(
+            self.cluster, self.session, lambda: self.config, self.chooser, self.metrics, make_available=self.control.make_available
+        )
         await self._serve()
+        self.admin = AdminServer(self)
+        await self.admin.start()
+        self.on_stop(self.admin.stop)
+        if self.config_path is not None:
+            self.reloader = ConfigReloader(self, self.config_path)
+            await self.reloader.start()
+            self.on_stop(self.reloader.stop)
+
+    def _start_control(self) -> None:
+        """Sleep/wake control and local instances; their process groups stop with us."""
+        timing = lambda: self.config.timing  # noqa: E731
+        self.control = Controller(self.cluster, self.session, timing, self.cluster.clock)  # type: ignore[arg-type]
+        self.instances = InstanceManager(
+            self.cluster, self.control, self.session, self.paths, timing, self.gpu, self.cluster.clock  # type: ignore[arg-type]
+        )
+        self.instances.apply(self.config.instances)
+        self.spawn(self.instances.run(), "instances")
+        self.on_stop(self.instances.stop_all)
+        self.on_stop(self.control.close)
 
     async def _serve(self) -> None:
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
@@ -94,7 +136,7 @@ class Services:
         )
         await self._runner.setup()
         router = self.config.router
-        self._site = web.TCPSite(self._runner, router.host, router.port, reuse_address=True)
+        self._site = web.TCPSite(self._runner, router.host, router.port, reuse_address=True, backlog=LISTEN_BACKLOG)
         await self._site.start()
         self.router_port = self._runner.addresses[0][1]
         log.info("router listening on %s", self.router_url)
@@ -122,6 +164,8 @@ class Services:
         old = self.config
         self.config = config
         added = self.cluster.apply(config.servers, config.timing)
+        if self.instances is not None:
+            notes.extend(self.instances.apply(config.instances))
         if self.poller is not None:
             self.poller.reconcile()
         if config.router.policy != self.chooser.policy_name:
@@ -135,6 +179,12 @@ class Services:
         notes.extend(f"added {server.url}" for server in added)
         return notes
 
+    async def reload_config(self) -> list[str]:
+        """Read the config file now (the `r` key); a broken file is reported, not raised."""
+        if self.reloader is None:
+            return ["running without a config file: nothing to reload"]
+        return await self.reloader.reload(forced=True)
+
     async def wait_idle(self, timeout: float) -> bool:
         """Until nothing is in flight, at most `timeout` seconds."""
         deadline = asyncio.get_running_loop().time() + timeout
@@ -146,6 +196,8 @@ class Services:
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (bounded), then stop every part."""
+        if self.proxy is not None:
+            self.proxy.closing = True
         if self._site is not None:
             await self._site.stop()
             if not await self.wait_idle(self.config.timing.shutdown_timeout):

@@ -45,6 +45,9 @@ class FileWatcher:
         self.debounce_ms = debounce_ms
         self.step_ms = step_ms
         self._stop = asyncio.Event()
+        # set once changes are being recorded (or the folder is known to be missing):
+        # a reader that starts after it will not miss a change
+        self.ready = asyncio.Event()
         self.changes_seen = 0
 
     @property
@@ -63,11 +66,13 @@ class FileWatcher:
         while not self._stop.is_set():
             folders = self.folders()
             if not folders:
+                self.ready.set()
                 await self._pause(RETRY_AFTER_S)
                 continue
             try:
                 await self._watch(folders)
             except Exception as error:  # inotify limits, a folder removed under us
+                self.ready.set()
                 self._report(error)
                 await self._pause(RETRY_AFTER_S)
 
@@ -80,6 +85,9 @@ class FileWatcher:
             stop_event=self._stop,
             recursive=False,
         )
+        # awatch starts recording when the loop below first steps into it, before it
+        # suspends; this callback runs after that suspension.
+        asyncio.get_running_loop().call_soon(self.ready.set)
         async for _changes in batches:
             self.changes_seen += 1
             try:

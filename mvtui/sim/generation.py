@@ -85,12 +85,15 @@ class GenerationRoutes:
         cut = self._runtime.faults.cut_after_tokens
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
+        # Like vLLM, headers go at once but the first event (the role chunk) waits for the
+        # engine's first output, so time to first byte is the real time to first token.
         head = output.stream_head()
-        if head:
-            await response.write(head.encode())
         sent = seen = 0
         while not seq.finished or sent < min(seq.generated, seq.visible):
             await seq.wait_progress(seen)
+            if head:
+                await response.write(head.encode())
+                head = ""
             seen = seq.generated
             shown = min(seen, seq.visible)
             if cut is not None and shown > cut:

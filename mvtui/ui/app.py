@@ -1,0 +1,520 @@
+"""The full-screen dashboard: a view of the core plus a keyboard, nothing more.
+
+The app starts the core (proxy, poller, ...) from the factory it is given, on Textual's own
+event loop, so OpenAI clients are served the whole time the screen is up. It reads the
+cluster's state on a throttled tick (a few frames a second at most) and never per request;
+keys call the core's commands. Quitting stops the core gracefully before the app exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections import deque
+from typing import Any, Callable, Sequence
+
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal
+from textual.events import Key
+from textual.color import Color
+from textual.widgets import Input
+
+from mvtui import commands
+from mvtui.cluster import ClusterEvent, ClusterSummary, RequestRecord, Server
+from mvtui.gpu import Gpu, GpuSampler
+from mvtui.headless import loop_factory
+from mvtui.paths import AppPaths
+from mvtui.services import Services
+from mvtui.ui import panels, themes
+from mvtui.ui.actions import ALWAYS, CoreActions
+from mvtui.ui.screens import HelpScreen, InstanceLogScreen, SleepScreen, help_text
+from mvtui.ui.widgets import ClusterBar, EventsPane, GpuPane, KeyBar, RequestsPane, ServerPane
+
+log = logging.getLogger(__name__)
+
+CoreFactory = Callable[[], contextlib.AbstractAsyncContextManager[Services]]
+MAX_FRAMES_PER_S = 4.0
+DETAIL_MIN_WIDTH = 120
+DETAIL_PANE_HEIGHT = 9  # seven lines and the border
+RESERVED_ROWS = 12  # cluster line, GPU pane, some log, keys
+DETAIL_COLUMN_WIDTH = 64
+WIDE_LOGS_MIN_WIDTH = 120
+KEY_LABELS = {"slash": "/", "question_mark": "?"}
+
+
+class Dashboard(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "mvtui"
+    ENABLE_COMMAND_PALETTE = False
+    AUTO_FOCUS = None  # keys belong to the dashboard; only `/` gives the filter focus
+    BINDINGS = [
+        Binding("up,k", "select(-1)", "select", show=False),
+        Binding("down,j", "select(1)", "select", show=False),
+        Binding("left", "select(-1)", "select", show=False),
+        Binding("right", "select(1)", "select", show=False),
+        Binding("d", "drain", "drain", id="drain"),
+        Binding("d", "undrain", "undrain", id="undrain"),
+        Binding("s", "sleep", "sleep", id="sleep"),
+        Binding("w", "wake", "wake", id="wake"),
+        Binding("S", "start", "start", id="start"),
+        Binding("X", "stop", "stop", id="stop"),
+        Binding("r", "reload", "reload", id="reload"),
+        Binding("l", "instance_log", "log", id="log"),
+        Binding("R", "toggle_requests", "requests", id="requests"),
+        Binding("slash", "filter", "filter", id="filter"),
+        Binding("t", "cycle_theme", "theme", id="theme"),
+        Binding("question_mark", "help", "help", id="help"),
+        Binding("q", "quit", "quit", id="quit"),
+    ]
+
+    def __init__(
+        self,
+        open_core: CoreFactory,
+        paths: AppPaths,
+        *,
+        refresh_per_s: float | None = None,
+        handle_signals: bool = False,
+        user_themes: bool = True,
+    ) -> None:
+        super().__init__()
+        self.open_core = open_core
+        self.paths = paths
+        self.services: Services | None = None
+        self.core_actions: CoreActions | None = None
+        self.gpu: GpuSampler | None = None  # the core's GPU probe, sampled once it is up
+        self.refresh_per_s = refresh_per_s
+        self.handle_signals = handle_signals
+        self.events: deque[ClusterEvent] = deque()  # the core's own list once it is up
+        self.selected: str | None = None
+        self.filter_text = ""
+        self.show_requests: bool | None = None  # None: shown when the terminal is wide
+        self.core_ready = asyncio.Event()
+        self.core_failure: BaseException | None = None
+        self.stopping = False
+        self._stop_requested = asyncio.Event()
+        self._core_task: asyncio.Task[None] | None = None
+        self._panes: dict[str, ServerPane] = {}
+        self._palette = panels.Palette()
+        self._availability: list[tuple[str, str, bool]] = []
+        self._theme_names: list[str] = []
+        self._user_themes = user_themes
+        self._remembered: str | None = None  # the theme the user last chose with `t`
+        self._ui_up = False
+
+    # --- layout -------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield ClusterBar()
+        yield Grid(id="servers")
+        yield GpuPane()
+        with Horizontal(id="bottom"):
+            yield EventsPane(self.events)
+            yield RequestsPane(self._request_log)
+        yield Input(placeholder="filter: name, URL, model or state (Enter keeps, Esc clears)", id="filter")
+        yield KeyBar()
+
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        """mvtui's own variables for themes that do not set them (Textual's built-ins)."""
+        base = self.current_theme.to_color_system().generate()
+        pick = lambda name, fallback: base.get(name, fallback)  # noqa: E731
+        return {
+            "state-up": pick("success", "#4ebf71"),
+            "state-down": pick("error", "#e05561"),
+            "state-busy": pick("warning", "#e5b045"),
+            "state-asleep": pick("secondary", "#8aa4ff"),
+            "state-starting": pick("primary", "#56b6c2"),
+            "state-idle": pick("foreground-darken-2", "#8a8f98"),
+            "bar-empty": pick("panel-lighten-1", "#3a3f4b"),
+            "bar-low": pick("primary", "#4ebf71"),
+            "bar-mid": pick("warning", "#e5b045"),
+            "bar-high": pick("error", "#e05561"),
+            "spark-requests": pick("primary", "#56b6c2"),
+            "spark-tokens": pick("accent", "#c678dd"),
+            "key-disabled": _blend(pick("background", "#121212"), pick("foreground", "#e0e0e0"), 0.35),
+        }
+
+    async def on_mount(self) -> None:
+        self._bar, self._grid, self._gpu_pane = self.query_one(ClusterBar), self.query_one("#servers", Grid), self.query_one(GpuPane)
+        self._events_pane, self._requests_pane, self._keys = self.query_one(EventsPane), self.query_one(RequestsPane), self.query_one(KeyBar)
+        self._ui_up = True
+        await self._load_themes()
+        self._show_filter(False)
+        self._core_task = asyncio.create_task(self._run_core(), name="mvtui core")
+        if self.handle_signals:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: self.call_later(self.action_quit))
+        self.tick()
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self.tick)
+
+    async def on_unmount(self) -> None:
+        """However the app ends, the core is stopped before the loop goes away."""
+        self._ui_up = False
+        self._stop_requested.set()
+        if self._core_task is not None and not self._core_task.done():
+            limit = self.services.config.timing.shutdown_timeout + 5 if self.services else 15
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._core_task), limit)
+
+    # --- the core -----------------------------------------------------------------------
+
+    async def _run_core(self) -> None:
+        try:
+            async with self.open_core() as services:
+                self._core_started(services)
+                await self._stop_requested.wait()
+                self.stopping = True
+                self.tick()
+        except Exception as error:  # the core could not start or stop: say so, then exit
+            log.exception("mvtui core failed")
+            self.core_failure = error
+        if self.is_running:
+            failure = self.core_failure
+            self.exit(return_code=1 if failure else 0, message=f"mvtui: {failure}" if failure else None)
+
+    def _core_started(self, services: Services) -> None:
+        self.services = services
+        self.core_actions = CoreActions(services)
+        self.gpu = GpuSampler(services.gpu)
+        self.run_worker(self.gpu.run(), name="gpu sampler", group="gpu")
+        self.events = services.cluster.events
+        self._events_pane.events = self.events
+        rate = self.refresh_per_s or services.config.ui.refresh_per_s
+        self.set_interval(1.0 / min(MAX_FRAMES_PER_S, max(0.2, rate)), self.tick, name="dashboard refresh")
+        if self._remembered is None and services.config.ui.theme in self.available_themes:
+            self.theme = services.config.ui.theme
+        self.core_ready.set()
+        self.tick()
+        log.info("dashboard up; router on %s", services.router_url)
+
+    async def settled(self) -> None:
+        """Until the core is up and the first GPU reading is in (tests, screenshots)."""
+        await self.core_ready.wait()
+        while self.gpu is None or self.gpu.latest is None:
+            await asyncio.sleep(0.01)
+        await self.repaint()
+
+    async def repaint(self) -> None:
+        """Repaint now, and again once the layout that caused is done (a pane's text depends
+        on its size)."""
+        for _ in range(2):
+            self.tick()
+            laid_out = asyncio.Event()
+            self.call_after_refresh(laid_out.set)
+            await laid_out.wait()
+
+    def _request_log(self) -> Sequence[RequestRecord]:
+        return self.services.cluster.request_log if self.services else ()
+
+    # --- the throttled tick: the only place widgets are repainted -----------------------
+
+    def tick(self) -> None:
+        if not self._ui_up:
+            return
+        palette = self._palette
+        bar = self._bar
+        services = self.services
+        if services is None:
+            note = "starting the core…"
+            bar.set_text(panels.cluster_line(_EMPTY_SUMMARY, None, palette, self.size.width - 2, note))
+        else:
+            summary = services.cluster.summary()
+            router = services.router_url if services.router_port is not None else None
+            bar.set_text(panels.cluster_line(summary, router, palette, self.size.width - 2, self._note(summary.in_flight)))
+            self._show_servers(palette)
+        self._gpu_pane.show(self.gpu.latest if self.gpu else None, palette, self._gpu_owners)
+        self._show_logs(palette)
+        self._refresh_keys(palette)
+
+    @property
+    def wide(self) -> bool:
+        return self.size.width >= WIDE_LOGS_MIN_WIDTH
+
+    @property
+    def requests_shown(self) -> bool:
+        """The request log: beside the events when the terminal is wide, else instead of them."""
+        return self.wide if self.show_requests is None else self.show_requests
+
+    def _show_logs(self, palette: panels.Palette) -> None:
+        events, requests = self._events_pane, self._requests_pane
+        shown = self.requests_shown
+        if (events.display, requests.display) != (self.wide or not shown, shown):
+            events.display, requests.display = self.wide or not shown, shown
+            self.call_after_refresh(self.tick)  # their height is known once laid out
+        for pane in (events, requests):
+            if pane.display:
+                pane.show(palette)
+
+    def _note(self, in_flight: int) -> str:
+        if self.stopping:
+            return f"stopping: {in_flight} in flight"
+        if self.filter_text:
+            return f"filter: {self.filter_text}"
+        return ""
+
+    def visible_servers(self) -> list[Server]:
+        if self.services is None:
+            return []
+        servers = list(self.services.cluster)
+        needle = self.filter_text.strip().lower()
+        if needle:
+            servers = [server for server in servers if needle in _search_text(server)]
+        return servers
+
+    def _show_servers(self, palette: panels.Palette) -> None:
+        servers = self.visible_servers()
+        self._sync_panes(servers)
+        urls = [server.url for server in servers]
+        if self.selected not in urls:
+            self.selected = urls[0] if urls else None
+        detailed, columns = self._server_layout(len(servers))
+        grid = self._grid
+        if grid.styles.grid_size_columns != columns:
+            grid.styles.grid_size_columns = columns
+        width = (self.size.width - (columns - 1)) // columns - 4  # border and padding
+        for server in servers:
+            self._panes[server.url].show(palette, detailed=detailed, selected=server.url == self.selected, width=width)
+
+    def _server_layout(self, count: int) -> tuple[bool, int]:
+        """Detailed panes in a grid when they all fit on screen, else compact rows."""
+        width, height = self.size
+        if width < DETAIL_MIN_WIDTH or count == 0:
+            return False, 1
+        columns = max(1, min(count, width // DETAIL_COLUMN_WIDTH))
+        rows = -(-count // columns)
+        if rows * DETAIL_PANE_HEIGHT + RESERVED_ROWS > height:
+            return False, 1
+        return True, columns
+
+    def _sync_panes(self, servers: list[Server]) -> None:
+        grid = self._grid
+        wanted = [server.url for server in servers]
+        if list(self._panes) == wanted and all(self._panes[server.url].server is server for server in servers):
+            return
+        for url, pane in list(self._panes.items()):
+            pane.remove()
+            del self._panes[url]
+        for server in servers:
+            self._panes[server.url] = ServerPane(server)
+        grid.mount_all(self._panes.values())
+
+    def _gpu_owners(self, gpu: Gpu) -> list[str]:
+        return self.core_actions.gpu_owners(gpu) if self.core_actions else []
+
+    # --- selection and availability -----------------------------------------------------
+
+    @property
+    def selected_server(self) -> Server | None:
+        if self.services is None or self.selected is None:
+            return None
+        server = self.services.cluster.servers.get(self.selected)
+        return server if server is not None and server.url in self._panes else None
+
+    def action_select(self, step: int) -> None:
+        urls = list(self._panes)
+        if not urls:
+            return
+        index = urls.index(self.selected) if self.selected in urls else 0
+        self.selected = urls[(index + step) % len(urls)]
+        self.tick()
+        self._panes[self.selected].scroll_visible(animate=False)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ALWAYS:
+            return True
+        if self.core_actions is None:
+            return False if action == "undrain" else None
+        return self.core_actions.applies(action, self.selected_server)
+
+    def key_states(self) -> list[tuple[str, str, bool]]:
+        """(key, description, enabled) for the key bar; keys hidden by check_action left out."""
+        states = []
+        for binding in self.BINDINGS:
+            if not isinstance(binding, Binding) or not binding.show:
+                continue
+            state = self.check_action(binding.action, ())
+            if state is not False:
+                states.append((KEY_LABELS.get(binding.key, binding.key), binding.description, bool(state)))
+        return states
+
+    def _refresh_keys(self, palette: panels.Palette) -> None:
+        states = self.key_states()
+        self._keys.show(states, palette)
+        if states != self._availability:
+            self._availability = states
+            self.refresh_bindings()
+
+    # --- actions: each calls a core command -----------------------------------------------
+
+    async def _run_command(self, what: str, command: Callable[[], Any]) -> None:
+        """Run a core command; its message or error becomes a notification."""
+        try:
+            result = command()
+            if asyncio.iscoroutine(result):
+                result = await result
+        except commands.CommandError as error:
+            self.notify(str(error), title=what, severity="error")
+        else:
+            if isinstance(result, str) and result:
+                self.notify(result, title=what)
+        self.tick()
+
+    async def action_drain(self) -> None:
+        server = self.selected_server
+        if server is not None and self.core_actions is not None:
+            await self._run_command("drain", lambda: self.core_actions.drain(server))  # type: ignore[union-attr]
+
+    async def action_undrain(self) -> None:
+        server = self.selected_server
+        if server is not None and self.core_actions is not None:
+            await self._run_command("undrain", lambda: self.core_actions.undrain(server))  # type: ignore[union-attr]
+
+    def action_sleep(self) -> None:
+        server = self.selected_server
+        if server is None or self.core_actions is None:
+            return
+        actions = self.core_actions
+
+        def chosen(level: int | None) -> None:
+            if level:
+                self.run_worker(self._run_command("sleep", lambda: actions.sleep(server, level)), group="commands")
+
+        self.push_screen(SleepScreen(server.name), chosen)
+
+    def action_wake(self) -> None:
+        self._background("wake", lambda actions, server: actions.wake(server))
+
+    def action_start(self) -> None:
+        self._background("start", lambda actions, server: actions.start(server))
+
+    def action_stop(self) -> None:
+        self._background("stop", lambda actions, server: actions.stop(server))
+
+    def _background(self, what: str, call: Callable[[CoreActions, Server], Any]) -> None:
+        """Commands that wait (wake, start, stop) run as workers: the screen stays live."""
+        server = self.selected_server
+        actions = self.core_actions
+        if server is not None and actions is not None:
+            self.run_worker(self._run_command(what, lambda: call(actions, server)), group="commands")
+
+    def action_reload(self) -> None:
+        actions = self.core_actions
+        if actions is not None:
+            self.run_worker(self._run_command("reload", actions.reload), group="commands")
+
+    def action_instance_log(self) -> None:
+        server = self.selected_server
+        path = self.core_actions.log_file(server) if server and self.core_actions else None
+        if server is not None and path is not None:
+            self.push_screen(InstanceLogScreen(server.name, path))
+
+    def action_toggle_requests(self) -> None:
+        self.show_requests = not self.requests_shown
+        self.tick()
+
+    def _show_filter(self, shown: bool) -> Input:
+        field = self.query_one("#filter", Input)
+        field.display = shown
+        field.can_focus = shown  # a hidden field must never take the keys
+        return field
+
+    def action_filter(self) -> None:
+        self._show_filter(True).focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value
+        self.tick()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_kept(self, event: Input.Submitted) -> None:
+        self._show_filter(bool(event.value))
+        self.set_focus(None)
+
+    def on_key(self, event: Key) -> None:
+        field = self.query_one("#filter", Input)
+        if event.key == "escape" and field.has_focus:
+            field.value = ""
+            self._show_filter(False)
+            self.filter_text = ""
+            self.set_focus(None)
+            event.stop()
+            self.tick()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(help_text(self._palette, self.paths.themes_dir, self.paths.log_dir / "mvtui.log")))
+
+    async def action_quit(self) -> None:
+        """Stop taking requests, let those in flight finish (the screen says so), then exit."""
+        if self._core_task is None or self._core_task.done():
+            self.exit()
+            return
+        self._stop_requested.set()
+        self.stopping = True
+        self.tick()
+
+    # --- themes -----------------------------------------------------------------------------
+
+    async def _load_themes(self) -> None:
+        folder = self.paths.themes_dir if self._user_themes else None
+        loaded, problems = await asyncio.to_thread(themes.load_themes, folder)
+        memory = await asyncio.to_thread(themes.read_ui_state, self.paths.ui_state)
+        self._remembered = memory.get("theme") if isinstance(memory.get("theme"), str) else None
+        for theme in loaded:
+            self.register_theme(theme)
+        self._theme_names = [theme.name for theme in loaded]
+        for problem in problems:
+            self.notify(str(problem), title="theme skipped", severity="warning", timeout=10)
+        remembered = self._remembered
+        self.theme = remembered if remembered in self.available_themes else themes.DEFAULT_THEME
+
+    def watch_theme(self, name: str) -> None:
+        self._palette = panels.Palette.from_variables(themes.solid_colors(self.get_css_variables()))
+        if self._theme_names:  # themes are loaded in on_mount, after the widgets exist
+            self.tick()
+
+    async def action_cycle_theme(self) -> None:
+        name = themes.next_theme(self._theme_names, self.theme)
+        self.theme = self._remembered = name
+        try:
+            await asyncio.to_thread(themes.write_ui_state, self.paths.ui_state, {"theme": name})
+        except OSError as error:
+            self.notify(f"cannot remember the theme: {error}", severity="warning")
+        self.notify(name, title="theme", timeout=2)
+
+
+def _blend(background: str, foreground: str, amount: float) -> str:
+    return Color.parse(background).blend(Color.parse(foreground), amount).hex
+
+
+def _search_text(server: Server) -> str:
+    return " ".join((server.name, server.url, server.state, *server.models)).lower()
+
+
+_EMPTY_SUMMARY = ClusterSummary(up=0, total=0, request_rate=0.0, token_rate=0.0, errors=0, retries=0, in_flight=0)
+
+
+def create_app(
+    open_core: CoreFactory,
+    paths: AppPaths,
+    *,
+    refresh_per_s: float | None = None,
+    handle_signals: bool = False,
+    user_themes: bool = True,
+) -> Dashboard:
+    """The dashboard over the core `open_core` yields (tests hand it frozen Services whose
+    GPU probe wraps a fake pynvml); `user_themes=False` ignores the user's theme folder."""
+    return Dashboard(open_core, paths, refresh_per_s=refresh_per_s, handle_signals=handle_signals, user_themes=user_themes)
+
+
+def run_dashboard(factory: CoreFactory, paths: AppPaths) -> int:
+    """`mvtui`: the dashboard in this terminal until the user quits; the exit status."""
+    app = create_app(factory, paths, handle_signals=True)
+    # The same loop as `--no-ui` (uvloop when installed, unless $MVTUI_LOOP=asyncio).
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(app.run_async())
+    return app.return_code or 0

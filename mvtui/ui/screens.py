@@ -1,0 +1,153 @@
+"""Modal screens: help, the sleep level question, an instance's log."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.markup import escape
+from textual.widgets import Log, Static
+
+from mvtui.ui import panels
+
+KEYS = (
+    ("↑ ↓  j k", "select a server (← → in the grid)"),
+    ("d", "drain: no new requests, those in flight finish; again to undrain"),
+    ("s", "sleep the server (asks level 1 or 2)"),
+    ("w", "wake a sleeping server"),
+    ("S", "start a managed instance"),
+    ("X", "stop a managed instance"),
+    ("r", "reload the config file now"),
+    ("l", "the selected instance's log"),
+    ("R", "show or hide the request log (beside the events when wide)"),
+    ("/", "filter servers by name, URL, model or state (Esc clears)"),
+    ("t", "next theme (remembered)"),
+    ("?", "this help"),
+    ("q", "quit: stop taking requests, let those in flight finish"),
+)
+STATES = (
+    ("up", "healthy and taking requests"),
+    ("down", "not answering /health"),
+    ("draining", "no new requests; some still in flight"),
+    ("drained", "no new requests; none in flight"),
+    ("sleeping L1", "weights offloaded to CPU RAM: fast wake"),
+    ("sleeping L2", "weights discarded: wake reloads them"),
+    ("waking", "waking up; requests wait for it"),
+    ("starting", "a managed instance booting"),
+    ("stopped", "a managed instance not running"),
+    ("error", "a managed instance that failed"),
+)
+
+
+def help_text(palette: panels.Palette, themes_dir: Path, log_file: Path) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True, style=f"bold {palette.accent}")
+    grid.add_column()
+    for key, meaning in KEYS:
+        grid.add_row(key, meaning)
+    grid.add_row("", "")
+    for state, meaning in STATES:
+        grid.add_row(panels.state_label(state, palette), Text(meaning, style=palette.text))
+    grid.add_row("", "")
+    grid.add_row(Text("themes", style=palette.muted), Text(f"drop TOML themes into {themes_dir}", style=palette.muted))
+    grid.add_row(Text("log", style=palette.muted), Text(str(log_file), style=palette.muted))
+    return grid
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "close")]
+
+    def __init__(self, content: Table) -> None:
+        super().__init__()
+        self.content = content
+
+    def compose(self) -> ComposeResult:
+        yield Static(self.content, id="help-box", classes="dialog")
+
+    def on_mount(self) -> None:
+        self.query_one("#help-box").border_title = "mvtui keys"
+        self.query_one("#help-box").border_subtitle = "Esc to close"
+
+
+class SleepScreen(ModalScreen[int | None]):
+    """Asks which sleep level; dismisses with 1, 2 or None."""
+
+    BINDINGS = [
+        Binding("1", "choose(1)", "level 1"),
+        Binding("2", "choose(2)", "level 2"),
+        Binding("escape,q", "choose(0)", "cancel"),
+    ]
+
+    def __init__(self, server_name: str) -> None:
+        super().__init__()
+        self.server_name = server_name
+
+    def compose(self) -> ComposeResult:
+        yield Static(
+            f"Put [b]{escape(self.server_name)}[/b] to sleep?\n\n"
+            "[b]1[/b]  level 1: weights offloaded to CPU RAM; wakes in about a second\n"
+            "[b]2[/b]  level 2: weights discarded; wakes in seconds, then reloads them\n\n"
+            "It is drained first: requests in flight finish. [b]Esc[/b] cancels.",
+            id="sleep-box",
+            classes="dialog",
+        )
+
+    def on_mount(self) -> None:
+        self.query_one("#sleep-box").border_title = "sleep"
+
+    def action_choose(self, level: int) -> None:
+        self.dismiss(level or None)
+
+
+class InstanceLogScreen(ModalScreen[None]):
+    """The tail of a managed instance's log file, followed once a second (read in a thread)."""
+
+    BINDINGS = [Binding("escape,l,q", "dismiss", "close")]
+    TAIL_BYTES = 64 * 1024
+
+    def __init__(self, name: str, path: Path) -> None:
+        super().__init__()
+        self.instance_name = name
+        self.path = path
+        self._offset = 0
+        self._error_shown = False
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="log-box", classes="dialog"):
+            yield Log(max_lines=5000, auto_scroll=True)
+
+    async def on_mount(self) -> None:
+        box = self.query_one("#log-box")
+        box.border_title = f"{self.instance_name}: {self.path}"
+        box.border_subtitle = "Esc to close"
+        await self.follow()
+        self.set_interval(1.0, self.follow)
+
+    async def follow(self) -> None:
+        try:
+            text, self._offset = await asyncio.to_thread(read_new, self.path, self._offset, self.TAIL_BYTES)
+        except OSError as error:
+            if not self._error_shown:
+                self.query_one(Log).write_line(f"cannot read {self.path}: {error.strerror or error}")
+                self._error_shown = True
+            return
+        if text:
+            self.query_one(Log).write(text)
+
+
+def read_new(path: Path, offset: int, tail_bytes: int) -> tuple[str, int]:
+    """What was appended to `path` since `offset` (at most its last `tail_bytes` the first time)."""
+    with path.open("rb") as handle:
+        size = handle.seek(0, 2)
+        if size < offset:  # truncated or replaced: start over
+            offset = 0
+        start = max(0, size - tail_bytes) if offset == 0 else offset
+        handle.seek(start)
+        data = handle.read(size - start)
+    return data.decode("utf-8", errors="replace"), start + len(data)

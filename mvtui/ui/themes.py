@@ -1,0 +1,197 @@
+"""Themes are TOML files turned into Textual themes.
+
+mvtui ships a few in the package (`mvtui/themes/*.toml`); users drop their own into
+`<config dir>/themes/`. A file that does not parse or names an unknown colour is reported
+as a problem (shown to the user as a notification) and skipped: it never stops the app.
+
+A theme file:
+
+    name = "my-theme"            # required
+    dark = true
+    primary = "#4aa3ff"          # required; every other colour is optional
+    secondary = "#8aa4ff"
+    accent = "#ffb454"
+    foreground = "#d8dee9"
+    background = "#111418"
+    surface = "#171b21"
+    panel = "#1f252d"
+    success = "#4ebf71"
+    warning = "#e5b045"
+    error = "#e05561"
+
+    [variables]                  # optional: any Textual variable, plus mvtui's own
+    state-up = "#4ebf71"         # state-{up,down,busy,asleep,starting,idle},
+    bar-empty = "#2a3039"        # bar-{empty,low,mid,high}, spark-{requests,tokens}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from textual.color import Color, ColorParseError
+from textual.theme import Theme
+
+COLOR_KEYS = ("primary", "secondary", "accent", "foreground", "background", "surface", "panel", "boost", "success", "warning", "error")
+OTHER_KEYS = ("name", "dark", "luminosity_spread", "text_alpha", "variables")
+DEFAULT_THEME = "mvtui-dark"
+
+
+@dataclass(frozen=True)
+class ThemeProblem:
+    source: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.message}"
+
+
+class ThemeError(ValueError):
+    pass
+
+
+def theme_from_toml(text: str) -> Theme:
+    """One theme from TOML text; raises ThemeError naming what is wrong."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ThemeError(f"not valid TOML: {error}") from None
+    return theme_from_mapping(data)
+
+
+def theme_from_mapping(data: Mapping[str, Any]) -> Theme:
+    problems = []
+    unknown = [key for key in data if key not in COLOR_KEYS and key not in OTHER_KEYS]
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(COLOR_KEYS + OTHER_KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        problems.append("`name` must be a non-empty string")
+    if "primary" not in data:
+        problems.append("`primary` colour is required")
+    colors: dict[str, str] = {}
+    for key in COLOR_KEYS:
+        if key in data:
+            problem = _color_problem(key, data[key])
+            if problem:
+                problems.append(problem)
+            else:
+                colors[key] = data[key]
+    if not isinstance(data.get("dark", True), bool):
+        problems.append("`dark` must be true or false")
+    variables = data.get("variables", {})
+    if not isinstance(variables, Mapping) or not all(isinstance(value, str) for value in variables.values()):
+        problems.append("[variables] must be a table of strings")
+        variables = {}
+    if problems:
+        raise ThemeError("; ".join(problems))
+    extras = {key: float(data[key]) for key in ("luminosity_spread", "text_alpha") if isinstance(data.get(key), (int, float))}
+    return Theme(name=name.strip(), dark=data.get("dark", True), variables=dict(variables), **colors, **extras)  # type: ignore[union-attr]
+
+
+def _color_problem(key: str, value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"`{key}` must be a colour string like \"#4aa3ff\""
+    try:
+        Color.parse(value)
+    except ColorParseError:
+        return f"`{key}` = {value!r} is not a colour"
+    return None
+
+
+def shipped_theme_files() -> list[tuple[str, str]]:
+    """(source, text) of each theme in the package, sorted by file name."""
+    folder = resources.files("mvtui").joinpath("themes")
+    found = [entry for entry in folder.iterdir() if entry.name.endswith(".toml")] if folder.is_dir() else []
+    return [(f"mvtui/themes/{entry.name}", entry.read_text(encoding="utf-8")) for entry in sorted(found, key=lambda entry: entry.name)]
+
+
+def user_theme_files(folder: Path) -> tuple[list[tuple[str, str]], list[ThemeProblem]]:
+    if not folder.is_dir():
+        return [], []
+    files, problems = [], []
+    for path in sorted(folder.glob("*.toml")):
+        try:
+            files.append((str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as error:
+            problems.append(ThemeProblem(str(path), f"cannot read it: {error}"))
+    return files, problems
+
+
+def parse_themes(files: Iterable[tuple[str, str]]) -> tuple[list[Theme], list[ThemeProblem]]:
+    """Themes in order; a later file with the same name replaces an earlier one."""
+    themes: dict[str, Theme] = {}
+    problems: list[ThemeProblem] = []
+    for source, text in files:
+        try:
+            theme = theme_from_toml(text)
+        except ThemeError as error:
+            problems.append(ThemeProblem(source, str(error)))
+            continue
+        themes[theme.name] = theme
+    return list(themes.values()), problems
+
+
+def load_themes(user_folder: Path | None) -> tuple[list[Theme], list[ThemeProblem]]:
+    """The shipped themes, then the user's (which may replace a shipped one by name)."""
+    files = shipped_theme_files()
+    problems: list[ThemeProblem] = []
+    if user_folder is not None:
+        user_files, problems = user_theme_files(user_folder)
+        files += user_files
+    themes, parse_problems = parse_themes(files)
+    return themes, problems + parse_problems
+
+
+# --- the remembered choice --------------------------------------------------------------
+
+
+def read_ui_state(path: Path) -> dict[str, Any]:
+    """What the dashboard remembered last time; a missing or broken file is an empty memory."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_ui_state(path: Path, updates: Mapping[str, Any]) -> None:
+    """Merge `updates` into the file, replacing it atomically."""
+    state = read_ui_state(path)
+    state.update(updates)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(".tmp")
+    scratch.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(scratch, path)
+
+
+def next_theme(names: list[str], current: str) -> str:
+    if not names:
+        return current
+    if current not in names:
+        return names[0]
+    return names[(names.index(current) + 1) % len(names)]
+
+
+def solid_colors(variables: Mapping[str, str]) -> dict[str, str]:
+    """Every variable that is a colour, as #rrggbb with any transparency blended onto the
+    background: Rich styles need solid colours."""
+    background = _parse(variables.get("background", "")) or Color(0, 0, 0)
+    solid: dict[str, str] = {}
+    for name, value in variables.items():
+        color = _parse(value)
+        if color is not None:
+            solid[name] = (background + color).hex if color.a < 1 else color.hex
+    return solid
+
+
+def _parse(value: str) -> Color | None:
+    try:
+        return Color.parse(value)
+    except (ColorParseError, ValueError, TypeError):
+        return None

@@ -1,0 +1,194 @@
+"""Regenerate screenshots/ from the real app in demo mode: SVG, plus PNG when a converter
+is at hand (`rsvg-convert` from librsvg2-bin, or the `cairosvg` package).
+
+    .venv/bin/python scripts/screenshots.py [--out screenshots] [--warmup 15]
+
+PNGs look best with the font the SVGs name installed (`apt-get install fonts-firacode`).
+
+The demo's simulated servers and synthetic load are the real ones (`mvtui --demo`). This
+machine may have no GPU, so the main views show simulated GPU readings (two 80 GiB cards
+whose memory follows the demo's load), set up below and said so in the README; the
+"no GPU" view shows what this machine's NVML really answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mvtui.cli import build_parser, core_factory  # noqa: E402
+from mvtui.gpu import GpuProbe  # noqa: E402
+from mvtui.paths import AppPaths  # noqa: E402
+from mvtui.ui.app import Dashboard, create_app  # noqa: E402
+
+GIB = 1024**3
+WIDE = (160, 48)
+SMALL = (80, 24)
+
+
+@dataclass
+class DemoNvml:
+    """Simulated NVML readings for the pictures: two cards, the first one busy."""
+
+    started: float = field(default_factory=time.monotonic)
+    NVML_TEMPERATURE_GPU: int = 0
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def _swing(self) -> float:
+        return 0.5 + 0.5 * math.sin((time.monotonic() - self.started) / 7)
+
+    def nvmlDeviceGetMemoryInfo(self, index: int) -> SimpleNamespace:
+        used = (62 + 6 * self._swing()) * GIB if index == 0 else 4.1 * GIB
+        return SimpleNamespace(used=int(used), total=80 * GIB)
+
+    def nvmlDeviceGetUtilizationRates(self, index: int) -> SimpleNamespace:
+        return SimpleNamespace(gpu=int(55 + 40 * self._swing()) if index == 0 else 0)
+
+    def nvmlDeviceGetName(self, index: int) -> str:
+        return "NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetTemperature(self, index: int, sensor: int) -> int:
+        return 61 if index == 0 else 36
+
+    def nvmlDeviceGetComputeRunningProcesses(self, index: int) -> list[SimpleNamespace]:
+        return []
+
+
+class NoDriver:
+    """For the no-GPU view on a machine that has one: NVML as it answers without a driver."""
+
+    def nvmlInit(self) -> None:
+        raise RuntimeError("Driver Not Loaded")
+
+
+async def wait_for_gpu_reading(app: Dashboard, probe: GpuProbe) -> None:
+    assert app.gpu is not None
+    app.gpu.probe = probe
+    app.gpu.latest = await probe.sample()
+    app.tick()
+
+
+class Shooter:
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.svgs: list[Path] = []
+
+    async def take(self, app: Dashboard, pilot, name: str, settle: float = 0.3) -> None:  # type: ignore[no-untyped-def]
+        await app.repaint()
+        await pilot.pause(settle)
+        path = self.out / f"{name}.svg"
+        path.write_text(app.export_screenshot(title=f"mvtui --demo  ({name})"), encoding="utf-8")
+        self.svgs.append(path)
+        print(f"  {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+async def shoot(out: Path, warmup: float, paths: AppPaths) -> list[Path]:
+    args = build_parser().parse_args(["--demo", "--port", "0"])
+    app = create_app(core_factory(args, paths), paths, user_themes=False)
+    shooter = Shooter(out)
+    async with app.run_test(size=WIDE) as pilot:
+        await app.settled()
+        await wait_for_gpu_reading(app, GpuProbe(DemoNvml()))
+        print(f"demo running; {warmup:.0f} s of traffic before the first picture")
+        await asyncio.sleep(warmup)
+        await shooter.take(app, pilot, "main")
+        await pilot.resize_terminal(*SMALL)
+        await shooter.take(app, pilot, "main-80x24")
+        await pilot.resize_terminal(*WIDE)
+
+        await pilot.press("question_mark")
+        await shooter.take(app, pilot, "help")
+        await pilot.press("escape")
+
+        await pilot.press("down")  # "medium"
+        await pilot.press("d")  # at once, while its requests are still in flight
+        await shooter.take(app, pilot, "draining", settle=0.05)
+        await pilot.press("d")
+
+        for _ in range(2):
+            await pilot.press("t")
+            await asyncio.sleep(0.5)
+            await shooter.take(app, pilot, f"theme-{app.theme}")
+        await pilot.press("t")  # back to the first theme
+
+        real = GpuProbe()
+        await wait_for_gpu_reading(app, real if not (await real.sample()).available else GpuProbe(NoDriver()))
+        await pilot.resize_terminal(100, 30)
+        await shooter.take(app, pilot, "no-gpu")
+
+        print("quitting: the demo's requests in flight finish first")
+        await pilot.press("q")
+        deadline = time.monotonic() + 30
+        while app.is_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    return shooter.svgs
+
+
+def png_converter() -> str | None:
+    if shutil.which("rsvg-convert"):
+        return "rsvg-convert"
+    if importlib.util.find_spec("cairosvg") is not None:
+        return "cairosvg"
+    return None
+
+
+def to_png(svg: Path, converter: str) -> Path:
+    """Textual writes spaces as &#160; in <text> runs; librsvg drops them at a run's start
+    unless whitespace is preserved, so the copy handed to the converter says so."""
+    png = svg.with_suffix(".png")
+    text = svg.read_text(encoding="utf-8").replace("<text ", '<text xml:space="preserve" ')
+    if converter == "rsvg-convert":
+        subprocess.run(["rsvg-convert", "--format", "png", "--output", str(png)], input=text.encode(), check=True)
+    else:
+        import cairosvg  # type: ignore[import-not-found]
+
+        cairosvg.svg2png(bytestring=text.encode(), write_to=str(png))
+    return png
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "screenshots")
+    parser.add_argument("--warmup", type=float, default=15.0, help="seconds of demo traffic before the first picture")
+    options = parser.parse_args()
+    options.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mvtui-shots-") as scratch:
+        base = Path(scratch)
+        paths = AppPaths(config_dir=base / "config", log_dir=base / "log", state_dir=base / "state")
+        svgs = asyncio.run(shoot(options.out, options.warmup, paths))
+    converter = png_converter()
+    if converter is None:
+        print("no PNG converter (apt-get install librsvg2-bin, or pip install cairosvg): SVG only")
+        return 0
+    for svg in svgs:
+        to_png(svg, converter)
+    print(f"{len(svgs)} screenshots as SVG and PNG ({converter}) in {options.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""SVG snapshots of the dashboard fed frozen data (no network, fixed numbers and times,
+a fake pynvml). Regenerate after an intended change with `--snapshot-update`, then look
+at the report before committing the new SVGs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mvtui.ui.app import Dashboard, create_app
+from tests.ui_frozen import FakeNvml, frozen_factory, frozen_services, tmp_paths
+
+
+@pytest.fixture(autouse=True)
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Clock times on screen do not depend on the machine's time zone."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+# Shown on the help screen, so fixed; nothing is written there unless `t` is pressed.
+SNAPSHOT_PATHS = tmp_paths(Path("/nonexistent/mvtui-snapshots"))
+
+
+def frozen_app(names: tuple[str, ...] = ("small", "medium", "big"), nvml: FakeNvml | None = None) -> Dashboard:
+    paths = SNAPSHOT_PATHS
+    return create_app(frozen_factory(frozen_services(paths, names, nvml)), paths, user_themes=False)
+
+
+async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
+    await pilot.app.settled()
+
+
+def test_main_screen_80x24(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(frozen_app(), terminal_size=(80, 24), run_before=settle)
+
+
+def test_main_screen_160x48(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    app = frozen_app(("small", "medium", "big", "spare"))
+    assert snap_compare(app, terminal_size=(160, 48), run_before=settle)
+
+
+def test_no_gpu_80x24(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    app = frozen_app(nvml=FakeNvml(init_error="Driver Not Loaded"))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settle)
+
+
+def test_help_screen(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(frozen_app(), press=["question_mark"], terminal_size=(100, 40), run_before=settle)
