@@ -45,8 +45,15 @@ async def demo_services(config: Config, paths: AppPaths) -> AsyncIterator[Servic
         demo_config = dataclasses.replace(config, servers=tuple(servers))
         services = await stack.enter_async_context(Services(demo_config, paths=paths))
         load = SyntheticLoad(services.router_url, capacity=sum(server.max_concurrent_requests for server in servers))
-        services.spawn(load.run(), "demo load")
+        load_task = asyncio.create_task(load.run(), name="demo load")
+        stack.push_async_callback(_cancel, load_task)  # exits first: the load stops before the core
         yield services
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class SyntheticLoad:

@@ -50,6 +50,8 @@ async def run_headless(open_core: Callable[[], AbstractAsyncContextManager[Servi
     stop = asyncio.Event()
     stop_on_signals(stop)
     async with open_core() as services:
+        for event in list(services.cluster.events):  # what happened while the core started
+            log_event(event)
         services.cluster.subscribe(log_event)
         log.info("mvtui serving on %s with %d servers", services.router_url, len(services.cluster))
         services.spawn(_summaries(services, summary_every), "summary")

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import logging
 import math
 import os
 import re
 import signal
-import socket
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,15 +30,28 @@ from mvtui.cluster import Cluster, EngineMetrics, Server
 from mvtui.commands import CommandError
 from mvtui.config import InstanceConfig, ServerConfig, TimingConfig
 from mvtui.control import Controller
-from mvtui.gpu import GpuProbe, GpuSnapshot
+from mvtui.gpu import GpuProbe
+from mvtui.gpu_memory import MemoryPlanner
 from mvtui.paths import AppPaths
 from mvtui.poller import CONNECTION_ERRORS
+from mvtui.processes import (
+    HOST,
+    LOG_MAX_BYTES,
+    RotatingLog,
+    die_with_parent,
+    group_alive,
+    instance_command,
+    instance_devices,
+    instance_env,
+    load_prctl,
+    log_file_name,
+    port_is_free,
+    signal_group,
+)
 from mvtui.vllm import VllmClient, VllmError
 
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"  # dev-mode endpoints are unauthenticated: managed instances stay on loopback
-LOG_MAX_BYTES = 16 * 1024 * 1024
 LOG_TAIL_LINES = 40
 LOG_LINE_MAX = 4096
 HEALTH_POLL_S = 0.25
@@ -49,142 +59,6 @@ HEALTH_CALL_TIMEOUT_S = 2.0
 PROGRESS_EVERY_S = 5.0
 RESTART_BACKOFF_S = 30.0
 KILL_WAIT_S = 5.0
-PR_SET_PDEATHSIG = 1
-GIB = 1024**3
-
-DEFAULT_COMMAND = (
-    "vllm", "serve", "{model}", "--host", "{host}", "--port", "{port}",
-    "--served-model-name", "{served_name}", "--gpu-memory-utilization", "{gpu_memory_utilization}",
-    "--enable-sleep-mode",
-)  # fmt: skip
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
-
-
-# --- launching ---------------------------------------------------------------------------
-
-
-def instance_command(config: InstanceConfig, port: int) -> list[str]:
-    """The argv of an instance: `command` (default `vllm serve ...`) plus `extra_args`, with
-    {model} {served_name} {port} {host} ... filled in; other braces (JSON) are left alone."""
-    template = list(config.command) or default_command(config)
-    values = {
-        "model": config.model,
-        "served_name": config.served_name,
-        "name": config.label,
-        "port": str(port),
-        "host": HOST,
-        "gpu_memory_utilization": f"{config.gpu_memory_utilization:g}",
-        "max_model_len": str(config.max_model_len),
-        "tensor_parallel_size": str(config.tensor_parallel_size),
-        "devices": ",".join(map(str, config.devices)),
-    }
-    fill = functools.partial(_PLACEHOLDER.sub, lambda match: values.get(match.group(1), match.group(0)))
-    return [fill(arg) for arg in (*template, *config.extra_args)]
-
-
-def default_command(config: InstanceConfig) -> list[str]:
-    command = list(DEFAULT_COMMAND)
-    if config.max_model_len:
-        command += ["--max-model-len", "{max_model_len}"]
-    if config.tensor_parallel_size > 1:
-        command += ["--tensor-parallel-size", "{tensor_parallel_size}"]
-    return command
-
-
-def instance_env(config: InstanceConfig, base: Mapping[str, str]) -> dict[str, str]:
-    env = dict(base)
-    env["VLLM_SERVER_DEV_MODE"] = "1"  # the sleep API
-    env["PYTHONUNBUFFERED"] = "1"  # log lines as they happen
-    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA's numbering = NVML's, which the memory check reads
-    if config.devices:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, config.devices))
-    env.update(dict(config.env))
-    return env
-
-
-def log_file_name(model: str, port: int) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', model).strip('-') or 'model'}_{port}.log"
-
-
-def instance_devices(config: InstanceConfig) -> tuple[int, ...]:
-    """The GPUs an instance uses: `devices`, else the first tensor_parallel_size ones."""
-    return config.devices or tuple(range(config.tensor_parallel_size))
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    """libc's prctl, loaded in the parent: loading a library after fork can deadlock."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-def _die_with_parent(prctl: Callable[..., int], parent_pid: int) -> None:
-    """In the child before exec: SIGTERM when mvtui dies, even by SIGKILL (Linux only)."""
-    prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    if os.getppid() != parent_pid:  # mvtui died between fork and prctl
-        os._exit(1)
-
-
-def signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class RotatingLog:
-    """An instance's output file, kept under `max_bytes` by moving it to NAME.1 when full.
-    Blocking: call it from a thread."""
-
-    def __init__(self, path: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
-        self.path = path
-        self.max_bytes = max_bytes
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.size = path.stat().st_size if path.exists() else 0
-        if self.size >= max_bytes:
-            self._rotate()
-        self._file = open(path, "ab")
-
-    @property
-    def backup(self) -> Path:
-        return self.path.with_name(self.path.name + ".1")
-
-    def write(self, data: bytes) -> None:
-        if self.size and self.size + len(data) > self.max_bytes:
-            self._file.close()
-            self._rotate()
-            self._file = open(self.path, "ab")
-        self._file.write(data)
-        self._file.flush()
-        self.size += len(data)
-
-    def _rotate(self) -> None:
-        os.replace(self.path, self.backup)
-        self.size = 0
-
-    def close(self) -> None:
-        self._file.close()
 
 
 # --- one instance -------------------------------------------------------------------------
@@ -309,10 +183,8 @@ class InstanceManager:
         self.log_max_bytes = log_max_bytes
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.instances: dict[str, Instance] = {}
-        # Held only while deciding who sleeps for GPU memory, never across a cold start.
-        self._memory_lock = asyncio.Lock()
-        self._reserved: dict[str, dict[int, int]] = {}
-        self._prctl = _load_prctl()
+        self.memory = MemoryPlanner(gpu, self.instances, control.busy, self._sleep_for)
+        self._prctl = load_prctl()
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
         control.before_wake = self.before_wake
@@ -502,7 +374,7 @@ class InstanceManager:
             port = self._free_port(instance)
             if port != instance.port:
                 self._move(instance, port)
-            await self.ensure_memory(instance)
+            await self.memory.ensure_memory(instance)
             await self._spawn(instance)
             await self._wait_healthy(instance, started)
         except asyncio.CancelledError:
@@ -517,7 +389,7 @@ class InstanceManager:
             await self._fail(instance, f"{type(error).__name__}: {error}")
             raise CommandError(f"{instance.label} failed to start: {error}") from error
         finally:
-            self._reserved.pop(instance.label, None)
+            self.memory.release(instance.label)
         self._mark_running(instance, started)
 
     async def _spawn(self, instance: Instance) -> None:
@@ -526,7 +398,7 @@ class InstanceManager:
         writer = await asyncio.to_thread(RotatingLog, instance.log_path, self.log_max_bytes)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         await asyncio.to_thread(writer.write, f"\n=== {stamp} mvtui starts: {' '.join(command)}\n".encode())
-        preexec = functools.partial(_die_with_parent, self._prctl, os.getpid()) if self._prctl else None
+        preexec = functools.partial(die_with_parent, self._prctl, os.getpid()) if self._prctl else None
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,
@@ -775,111 +647,7 @@ class InstanceManager:
     async def before_wake(self, server: Server) -> None:
         instance = self.for_server(server)
         if instance is not None:
-            await self.ensure_memory(instance)
-
-    async def ensure_memory(self, target: Instance) -> None:
-        """Make room on the target's GPUs: sleep least recently used idle instances there
-        until it fits; CommandError when it cannot. Skipped without NVML."""
-        if self.gpu is None:
-            return
-        async with self._memory_lock:
-            tried: set[str] = set()
-            while True:
-                snapshot = await self.gpu.sample()
-                if not snapshot.available:
-                    log.debug("no GPU memory check for %s: %s", target.label, snapshot.unavailable)
-                    return
-                needs = self._needs(target, snapshot)
-                short = self._short(target, needs, snapshot)
-                if not short:
-                    self._reserved[target.label] = needs
-                    return
-                self._check_can_fit(target, needs, snapshot)
-                victim = self._lru_victim(target, set(short), tried)
-                if victim is None:
-                    raise CommandError(self._no_room_message(target, short))
-                tried.add(victim.label)
-                await self._sleep_for(victim, target)
-
-    def _needs(self, instance: Instance, snapshot: GpuSnapshot) -> dict[int, int]:
-        """Bytes per GPU: vLLM takes gpu_memory_utilization of each card it runs on."""
-        gpus = {gpu.index: gpu for gpu in snapshot.gpus}
-        devices = instance_devices(instance.config)
-        missing = [device for device in devices if device not in gpus]
-        if missing:
-            raise CommandError(f"{instance.label}: GPU {', '.join(map(str, missing))} not found; NVML sees {len(gpus)} GPU(s)")
-        fraction = instance.config.gpu_memory_utilization
-        return {device: int(fraction * gpus[device].memory_total) for device in devices if gpus[device].memory_total}
-
-    def _loading(self, instance: Instance) -> bool:
-        return instance.lifecycle == "starting" or instance.server.waking
-
-    def _reserved_on(self, device: int, target: Instance) -> int:
-        """Memory promised to other instances that are starting or waking right now."""
-        total = 0
-        for label, needs in self._reserved.items():
-            other = self.instances.get(label)
-            if other is not None and other is not target and self._loading(other):
-                total += needs.get(device, 0)
-        return total
-
-    def _short(self, target: Instance, needs: dict[int, int], snapshot: GpuSnapshot) -> dict[int, tuple[int, int]]:
-        """GPUs without room: device -> (needed, free)."""
-        gpus = {gpu.index: gpu for gpu in snapshot.gpus}
-        short = {}
-        for device, need in needs.items():
-            free = gpus[device].memory_free
-            if free is None:
-                continue
-            free -= self._reserved_on(device, target)
-            if free < need:
-                short[device] = (need, free)
-        return short
-
-    def _holds(self, instance: Instance, device: int, snapshot: GpuSnapshot) -> int:
-        """What an awake instance holds on a GPU, by its share of the card."""
-        awake = instance.lifecycle == "running" and instance.server.sleep_level == 0
-        if not awake or device not in instance_devices(instance.config):
-            return 0
-        return self._needs(instance, snapshot).get(device, 0)
-
-    def _check_can_fit(self, target: Instance, needs: dict[int, int], snapshot: GpuSnapshot) -> None:
-        """Raise when even every other instance asleep would not make room."""
-        gpus = {gpu.index: gpu for gpu in snapshot.gpus}
-        for device, need in needs.items():
-            gpu = gpus[device]
-            if gpu.memory_total is None or gpu.memory_free is None:
-                continue
-            if need > gpu.memory_total:
-                raise CommandError(f"{target.label} can never fit: it needs {_gib(need)} of GPU {device}'s {_gib(gpu.memory_total)}")
-            ours = sum(self._holds(other, device, snapshot) for other in self.instances.values() if other is not target)
-            if gpu.memory_free + ours - self._reserved_on(device, target) < need:
-                others = gpu.memory_total - gpu.memory_free - ours
-                raise CommandError(
-                    f"{target.label} cannot fit on GPU {device} even with every other instance asleep: "
-                    f"it needs {_gib(need)}, the card has {_gib(gpu.memory_total)} and other programs use {_gib(max(0, others))}"
-                )
-
-    def _lru_victim(self, target: Instance, devices: set[int], tried: set[str]) -> Instance | None:
-        candidates = [
-            instance
-            for instance in self.instances.values()
-            if instance is not target
-            and instance.label not in tried
-            and self._idle_awake(instance)
-            and devices & set(instance_devices(instance.config))
-        ]
-        return min(candidates, key=lambda instance: instance.server.last_used, default=None)
-
-    def _idle_awake(self, instance: Instance) -> bool:
-        server = instance.server
-        return (
-            instance.lifecycle == "running"
-            and server.sleep_level == 0
-            and not (server.waking or server.sleep_pending or server.in_flight)
-            and server.sleep_capable is not False
-            and not self.control.busy(server)
-        )
+            await self.memory.ensure_memory(instance)
 
     async def _sleep_for(self, victim: Instance, target: Instance) -> None:
         level = 2 if victim.config.idle_action == "sleep2" else 1
@@ -888,17 +656,6 @@ class InstanceManager:
             await self.control.sleep_if_idle(victim.server, level)
         except CommandError as error:
             self.cluster.emit("memory", victim.server, f"could not sleep to make room: {error}")
-
-    def _no_room_message(self, target: Instance, short: dict[int, tuple[int, int]]) -> str:
-        device, (need, free) = next(iter(short.items()))
-        busy = [
-            instance.label
-            for instance in self.instances.values()
-            if instance is not target and instance.lifecycle == "running" and instance.server.sleep_level == 0
-            and device in instance_devices(instance.config)
-        ]
-        why = f"; awake there and busy or unable to sleep: {', '.join(busy)}" if busy else ""
-        return f"not enough GPU memory for {target.label} on GPU {device}: needs {_gib(need)}, {_gib(max(0, free))} free{why}"
 
 
 async def _health_status(client: VllmClient) -> int | None:
@@ -925,11 +682,6 @@ def _in_range(port: int, port_range: tuple[int, int]) -> bool:
     return port_range[0] <= port <= port_range[1]
 
 
-def _gib(size: int) -> str:
-    return f"{size / GIB:.1f} GiB"
-
-
 def _retrieve(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         task.exception()
-

@@ -22,8 +22,9 @@ from mvtui import commands
 from mvtui.commands import CommandError
 from mvtui.config import AdminConfig, Config, InstanceConfig, RouterConfig, TimingConfig, parse_config
 from mvtui.gpu import GpuProbe
-from mvtui.instances import Instance, InstanceManager, RotatingLog, instance_command, instance_env, log_file_name
+from mvtui.instances import Instance, InstanceManager
 from mvtui.paths import AppPaths
+from mvtui.processes import RotatingLog, instance_command, instance_env, log_file_name
 from mvtui.services import Services
 from tests.helpers import REPO_ROOT, Proc, free_port, start_mvtui
 
