@@ -447,24 +447,28 @@ def _event_role(kind: str) -> str:
 
 
 def requests_table(records: Sequence[RequestRecord], height: int, width: int, palette: Palette) -> Text:
-    """The last requests through the router that fit, newest at the bottom."""
+    """The last requests through the router that fit, newest at the bottom. On a narrow
+    pane the TTFT column goes first, and a row never wraps."""
     fixed = 8 + 2 + 6 + 2 + 8 + 2 + 8 + 2 + 6  # time, status, latency, ttft, tokens and the gaps
-    flexible = max(12, width - fixed - 4)
-    model_width = max(6, flexible * 3 // 5)
-    server_width = max(6, flexible - model_width)
+    show_ttft = width - fixed - 4 >= 20
+    flexible = max(12, width - fixed - 4 + (0 if show_ttft else 10))
+    model_width = flexible * 3 // 5
+    server_width = flexible - model_width
 
     def row(cells: tuple[str, str, str, str, str, str, str], styles: tuple[str, ...]) -> Text:
         time_, model, server, status, latency, ttft, tokens = cells
-        return Text.assemble(
+        line = Text.assemble(
             (f"{time_:<8}  ", styles[0]),
             (f"{_fit(model, model_width):<{model_width}}  ", styles[1]),
             (f"{_fit(server, server_width):<{server_width}}  ", styles[2]),
             (f"{status:>6}  ", styles[3]),
             (f"{latency:>8}  ", styles[4]),
-            (f"{ttft:>8}  ", styles[5]),
+            (f"{ttft:>8}  " if show_ttft else "", styles[5]),
             (f"{tokens:>6}", styles[6]),
             no_wrap=True,
         )
+        line.truncate(width, overflow="crop")
+        return line
 
     header = row(("time", "model", "server", "status", "latency", "ttft", "tokens"), (f"bold {palette.muted}",) * 7)
     lines = [header]
