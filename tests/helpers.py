@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -11,8 +12,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOG_TAIL_LINES = 40
@@ -153,3 +157,27 @@ def _port_from_args(args: Sequence[str]) -> int | None:
         if flag == "--port":
             return int(value)
     return None
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 15.0, every: float = 0.05, what: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy, and return that; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        time.sleep(every)
+
+
+async def eventually(predicate: Callable[[], T], timeout: float = 30.0, every: float = 0.02, what: str = "condition") -> T:
+    """`wait_until` for async tests: the loop keeps running between polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        await asyncio.sleep(every)

@@ -29,7 +29,7 @@ from mvtui.config import AdminConfig, Config, RouterConfig, ServerConfig, Timing
 from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
 from mvtui.services import Services
-from tests.helpers import REPO_ROOT, Proc, free_port, start_mvtui, start_sim
+from tests.helpers import eventually, free_port, Proc, REPO_ROOT, start_mvtui, start_sim
 
 DEV_MODE = {"VLLM_SERVER_DEV_MODE": "1"}
 FAST = ["--tokens-per-s", "200", "--ttft-ms", "5", "--sleep-requests", "hang"]
@@ -50,17 +50,10 @@ async def core(tmp_path: Path, *sims: Proc, timing: TimingConfig = TIMING) -> As
     config = Config(router=RouterConfig(host="127.0.0.1", port=0), timing=timing, admin=AdminConfig(enabled=False), servers=servers)
     paths = AppPaths(tmp_path / "config", tmp_path / "log", tmp_path / "state")
     async with Services(config, paths=paths, gpu=GpuProbe(nvml=None)) as services:
-        await until(lambda: all(server.is_up for server in services.cluster))
+        await eventually(lambda: all(server.is_up for server in services.cluster))
         yield services
 
 
-async def until(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def sim_state(sim: Proc) -> dict[str, Any]:
@@ -107,9 +100,9 @@ async def test_sleep_drains_first_then_sleeps_and_shows_state(tmp_path: Path, pr
         server = services.cluster.find("s0")
         openai_client = make_client(services.router_url)
         streams = [asyncio.create_task(streamed_chat(openai_client, "m", 60)) for _ in range(4)]
-        await until(lambda: server.in_flight == 4, what="4 requests in flight")
+        await eventually(lambda: server.in_flight == 4, what="4 requests in flight")
         sleeping = asyncio.create_task(commands.sleep(services.control, "s0", 1))
-        await until(lambda: server.sleep_pending, what="sleep to start draining")
+        await eventually(lambda: server.sleep_pending, what="sleep to start draining")
         async with aiohttp.ClientSession() as session:
             async with session.get(services.router_url + "/load-stats") as response:
                 shown = (await response.json())["servers"][0]
@@ -165,10 +158,10 @@ async def test_no_request_reaches_a_sleeping_server_while_it_sleeps_and_wakes_un
 
         workers = [asyncio.create_task(worker()) for _ in range(6)]
         for level in (1, 2, 1):
-            await until(lambda: len(done) > 10, what="traffic")  # noqa: B023
+            await eventually(lambda: len(done) > 10, what="traffic")  # noqa: B023
             await commands.sleep(services.control, "s0", level)  # the next requests wake it again
             done.clear()
-        await until(lambda: len(done) > 10, what="traffic after the last wake")
+        await eventually(lambda: len(done) > 10, what="traffic after the last wake")
         stop.set()
         await asyncio.gather(*workers)
         state = await sim_state(sim)
@@ -198,7 +191,7 @@ async def test_every_waiter_and_the_operator_share_one_wake(
         requests = [
             asyncio.create_task(openai_client.chat.completions.create(model="m", messages=CHAT, max_tokens=2)) for _ in range(30)
         ]
-        await until(lambda: services.cluster.find("s0").waking, what="the wake to begin")
+        await eventually(lambda: services.cluster.find("s0").waking, what="the wake to begin")
         await commands.wake(control, "s0")  # the operator's wake joins the one under way
         answers = await asyncio.gather(*requests)
         assert [answer.usage.completion_tokens for answer in answers] == [2] * 30
@@ -222,7 +215,7 @@ async def test_wake_on_demand_is_bounded_and_never_wakes_a_drained_server(tmp_pa
             async with session.post(services.router_url + "/v1/chat/completions", json=body) as response:
                 assert response.status == 503 and response.headers["Retry-After"].isdigit()  # the wake takes 1.5 s > 0.3 s
                 assert "waking" in (await response.json())["error"]["message"]
-            await until(lambda: services.cluster.find("s0").routable, what="the wake to finish")
+            await eventually(lambda: services.cluster.find("s0").routable, what="the wake to finish")
             async with session.post(services.router_url + "/v1/chat/completions", json=body) as response:
                 assert response.status == 200
         state = await sim_state(sim)
@@ -238,11 +231,11 @@ async def test_drain_under_load_loses_no_request(tmp_path: Path, procs: list[Pro
         for index in range(40):
             results.append(asyncio.create_task(streamed_chat(openai_client, "m", 20)))
             if index == 15:
-                await until(lambda: drained.in_flight > 0, what="requests on s0")
+                await eventually(lambda: drained.in_flight > 0, what="requests on s0")
                 commands.drain(services.cluster, "s0")
                 assert drained.state == "draining"
             await asyncio.sleep(0.02)
-        await until(lambda: drained.in_flight == 0, what="s0 to drain")
+        await eventually(lambda: drained.in_flight == 0, what="s0 to drain")
         sent_to_drained = (await sim_state(first))["requests"]
         assert drained.state == "drained"
         assert [await result for result in results] == [20] * 40

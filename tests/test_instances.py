@@ -26,7 +26,7 @@ from mvtui.instances import Instance, InstanceManager
 from mvtui.paths import AppPaths
 from mvtui.processes import RotatingLog, instance_command, instance_env, log_file_name
 from mvtui.services import Services
-from tests.helpers import REPO_ROOT, Proc, free_port, start_mvtui
+from tests.helpers import eventually, free_port, Proc, REPO_ROOT, start_mvtui
 
 GIB = 1024**3
 TIMING = TimingConfig(metrics_interval=0.1, health_check_interval=0.5, drain_timeout=10, wake_timeout=30, shutdown_timeout=3)
@@ -94,13 +94,6 @@ async def core(tmp_path: Path, *instances: InstanceConfig, gpu: GpuProbe | None 
         yield services
 
 
-async def until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def client(services: Services) -> openai.AsyncOpenAI:
@@ -194,7 +187,7 @@ async def test_first_request_starts_the_instance_once_in_its_own_group_with_a_lo
         assert instance.log_path == log_path
         text = log_path.read_text()
         assert text.count("mvtui starts:") == 1  # five waiting requests, one start
-        await until(lambda: "serving 'tiny'" in log_path.read_text(), what="the sim's banner in the log")
+        await eventually(lambda: "serving 'tiny'" in log_path.read_text(), what="the sim's banner in the log")
     assert group_members(pid) == []  # stopped with mvtui
 
 
@@ -206,10 +199,10 @@ async def test_idle_timeout_sleeps_or_stops_and_a_request_wakes_it(tmp_path: Pat
         await chat(services, "stopper")
         pid = second.pid
         await chat(services, "sleeper")
-        await until(lambda: first.server.sleep_level == 2, what="idle sleep")
+        await eventually(lambda: first.server.sleep_level == 2, what="idle sleep")
         state = await sim_state(first)
         assert state["sleeping"] and state["sleep_level"] == 2
-        await until(lambda: second.lifecycle == "stopped", what="idle stop")
+        await eventually(lambda: second.lifecycle == "stopped", what="idle stop")
         assert pid is not None and group_members(pid) == []
         await chat(services, "stopper")  # started again
         assert second.lifecycle == "running" and second.pid != pid
@@ -247,7 +240,7 @@ async def test_memory_pressure_never_sleeps_an_instance_with_requests_in_flight(
         await chat(services, "a")
         await chat(services, "b")
         long_request = asyncio.create_task(chat(services, "a", max_tokens=300))  # ~1.5 s of streaming on a
-        await until(lambda: a.server.in_flight == 1, what="a request in flight on a")
+        await eventually(lambda: a.server.in_flight == 1, what="a request in flight on a")
         await chat(services, "b")  # a's request began before this: a is least recently used, but busy
         await chat(services, "c")
         assert b.server.sleep_level == 1 and a.server.sleep_level == 0
@@ -305,7 +298,7 @@ async def test_config_reload_adds_removes_and_defers_changes_to_instances(tmp_pa
         notes = services.apply_config(dataclasses.replace(services.config, instances=(changed, sim_instance("new"))))
         assert "instance old left the config: stopping it" in notes and "added instance new" in notes
         assert any(note.startswith("instance kept is running: new settings apply after it stops") for note in notes)
-        await until(lambda: "old" not in instances.instances, what="old to be removed")
+        await eventually(lambda: "old" not in instances.instances, what="old to be removed")
         assert group_members(old_pid) == [] and services.cluster.find("old") is None  # type: ignore[arg-type]
         assert instances.find("new").lifecycle == "stopped"
         kept_now = instances.find("kept")
@@ -321,7 +314,7 @@ async def test_one_slow_start_does_not_block_another_instance(tmp_path: Path) ->
     async with core(tmp_path, slow, quick) as services:
         instances = manager(services)
         slow_start = asyncio.create_task(commands.start_instance(instances, "slow"))
-        await until(lambda: instances.find("slow").pid is not None, what="the slow start to launch")
+        await eventually(lambda: instances.find("slow").pid is not None, what="the slow start to launch")
         await commands.start_instance(instances, "quick")
         assert instances.find("slow").lifecycle == "starting" and instances.find("quick").lifecycle == "running"
         pid = instances.find("slow").pid
@@ -345,7 +338,7 @@ async def test_stop_sends_sigterm_to_the_whole_process_group(tmp_path: Path) -> 
         instance = await commands.start_instance(manager(services), "workers")
         pid = instance.pid
         assert pid is not None
-        await until(lambda: marker.exists() and marker.read_text() == "ready", what="the worker's signal handler")
+        await eventually(lambda: marker.exists() and marker.read_text() == "ready", what="the worker's signal handler")
         assert len(group_members(pid)) == 2
         await commands.stop_instance(manager(services), "workers")
         assert instance.lifecycle == "stopped" and group_members(pid) == []
@@ -430,4 +423,4 @@ async def test_instance_dies_with_mvtui_even_after_sigkill(tmp_path: Path, procs
     with killed_at_the_end(group):
         os.kill(mvtui.pid, signal.SIGKILL)  # no cleanup code runs: the kernel's parent-death signal does it
         await asyncio.to_thread(mvtui.proc.wait, 10)
-        await until(lambda: group_members(group) == [], timeout=10, what="the instance to exit")
+        await eventually(lambda: group_members(group) == [], timeout=10, what="the instance to exit")

@@ -24,7 +24,7 @@ from mvtui.paths import AppPaths
 from mvtui.services import Services
 from mvtui.watcher import FileWatcher
 from tests import http
-from tests.helpers import Proc, free_port, start_mvtui, start_sim
+from tests.helpers import Proc, eventually, free_port, start_mvtui, start_sim, wait_until
 
 FAST = """
 [config]
@@ -35,20 +35,8 @@ recover_threshold = 1
 """
 
 
-async def eventually(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.03)
 
 
 def save_by_rename(path: Path, text: str) -> None:

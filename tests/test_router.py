@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests import http
-from tests.helpers import Proc, free_port, start_mvtui, start_sim
+from tests.helpers import Proc, free_port, start_mvtui, start_sim, wait_until
 
 FAST_POLL = """
 [config]
@@ -40,14 +40,6 @@ def start_router(config: Path) -> Proc:
     return start_mvtui(["--no-ui", "--config", str(config), "--port", str(port), "--host", "127.0.0.1"], port=port)
 
 
-def wait_until(predicate, timeout: float = 10.0, every: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def load_stats(router: Proc) -> dict:

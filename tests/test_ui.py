@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -28,7 +27,7 @@ from mvtui.ui import panels, themes
 from mvtui.ui.app import Dashboard, create_app
 from mvtui.ui.screens import HelpScreen, InstanceLogScreen, SleepScreen
 from mvtui.ui.widgets import EventsPane, GpuPane, RequestsPane, ServerPane
-from tests.helpers import free_port
+from tests.helpers import free_port, eventually
 from tests.ui_frozen import FakeNvml, frozen_factory, frozen_services, tmp_paths, two_gpus
 
 MODEL = "m"
@@ -40,14 +39,6 @@ recover_threshold = 1
 shutdown_timeout = 5
 drain_timeout = 5
 """
-
-
-async def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 def rendered(widget: Widget, width: int = 160) -> str:
