@@ -524,3 +524,39 @@ def server_of(services: Services, name: str) -> Server:
     found = services.cluster.find(name)
     assert found is not None
     return found
+
+
+async def test_edit_keys_write_the_config_file_and_change_only_the_edited_value(tmp_path: Path, paths: AppPaths) -> None:
+    async with sims(SimConfig(model=MODEL), SimConfig(model=MODEL)) as (a, b):
+        path = tmp_path / "servers.toml"
+        original = "# our cluster: keep this comment\n" + config_text([("alpha", a.url, 4)])
+        path.write_text(original)
+        app = create_app(core_from_file(path, paths), paths, user_themes=False)
+        async with app.run_test(size=(120, 36)) as pilot:
+            services = await ready(app, 1)
+            await select(app, pilot, "alpha")
+
+            await pilot.press("plus")
+            await eventually(lambda: server(app, "alpha").capacity == 5, what="capacity 5")
+            assert path.read_text() == original.replace("max_concurrent_requests = 4", "max_concurrent_requests = 5")
+            await pilot.press("minus", "minus")
+            await eventually(lambda: server(app, "alpha").capacity == 3, what="capacity 3")
+
+            await pilot.press("d")  # a configured server's drain is kept in the file
+            await eventually(lambda: "drain = true" in path.read_text(), what="drain saved")
+            assert server(app, "alpha").drain
+            await pilot.press("d")
+            await eventually(lambda: "drain = true" not in path.read_text(), what="undrain saved")
+            assert path.read_text() == original.replace("max_concurrent_requests = 4", "max_concurrent_requests = 3")
+
+            await pilot.press("a")
+            await pilot.press(*b.url)
+            await pilot.press("enter", "enter")  # the URL, then the capacity (8 by default)
+            await eventually(lambda: services.cluster.servers.get(b.url) is not None, what="the new server")
+            assert b.url in path.read_text() and "# our cluster: keep this comment" in path.read_text()
+            await eventually(lambda: server(app, b.url).is_up, what="the new server up")
+
+            await select(app, pilot, "alpha")
+            await pilot.press("delete", "y")
+            await eventually(lambda: a.url not in path.read_text(), what="alpha removed from the file")
+            await eventually(lambda: services.cluster.servers.get(a.url) is None, what="alpha gone")

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from mvtui import commands
+from mvtui import commands, config_commands
 from mvtui.cluster import Server
 from mvtui.gpu import Gpu
 from mvtui.control import Controller
@@ -20,6 +20,7 @@ from mvtui.services import Services
 
 # Keys that need nothing from the core.
 ALWAYS = frozenset({"quit", "help", "cycle_theme", "filter", "select", "toggle_requests"})
+CONFIGURED_ONLY = ("capacity", "remove_server")  # edits of a [servers] entry
 ACTIVE_LIFECYCLES = (None, "running")
 
 
@@ -36,6 +37,10 @@ class CoreActions:
             return True if self.services.config_path is not None else None
         if action == "undrain":
             return server is not None and server.drain
+        if action == "add_server":
+            return True
+        if action in CONFIGURED_ONLY:
+            return True if server is not None and server.lifecycle is None and not server.removed else None
         if server is None or server.removed:
             return None
         if action == "drain":
@@ -69,12 +74,26 @@ class CoreActions:
 
     # --- the commands -------------------------------------------------------------------
 
-    def drain(self, server: Server) -> str:
+    async def drain(self, server: Server) -> str:
+        """A configured server's drain is written to the config file, so it survives a restart."""
+        if server.lifecycle is None:
+            return (await config_commands.set_drain(self.services, server.url, True)).message
         drained = commands.drain(self.services.cluster, server.url)
         return f"{drained.name}: draining, {drained.in_flight} in flight"
 
-    def undrain(self, server: Server) -> str:
+    async def undrain(self, server: Server) -> str:
+        if server.lifecycle is None:
+            return (await config_commands.set_drain(self.services, server.url, False)).message
         return f"{commands.undrain(self.services.cluster, server.url).name}: taking requests again"
+
+    async def change_capacity(self, server: Server, step: int) -> str:
+        return (await config_commands.set_capacity(self.services, server.url, max(1, server.capacity + step))).message
+
+    async def add_server(self, url: str, capacity: int) -> str:
+        return (await config_commands.add_server(self.services, url, max_concurrent_requests=capacity)).message
+
+    async def remove_server(self, server: Server) -> str:
+        return (await config_commands.remove_server(self.services, server.url)).message
 
     async def sleep(self, server: Server, level: int) -> str:
         control = self._control()

@@ -31,7 +31,7 @@ from mvtui.paths import AppPaths
 from mvtui.services import Services
 from mvtui.ui import panels, themes
 from mvtui.ui.actions import ALWAYS, CoreActions
-from mvtui.ui.screens import HelpScreen, InstanceLogScreen, SleepScreen, help_text
+from mvtui.ui.screens import AddServerScreen, ConfirmScreen, HelpScreen, InstanceLogScreen, SleepScreen, help_text
 from mvtui.ui.widgets import ClusterBar, EventsPane, GpuPane, KeyBar, RequestsPane, ServerPane
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ DETAIL_PANE_HEIGHT = 9  # seven lines and the border
 RESERVED_ROWS = 12  # cluster line, GPU pane, some log, keys
 DETAIL_COLUMN_WIDTH = 64
 WIDE_LOGS_MIN_WIDTH = 120
-KEY_LABELS = {"slash": "/", "question_mark": "?"}
+KEY_LABELS = {"slash": "/", "question_mark": "?", "plus": "+", "minus": "-", "delete": "del"}
 
 
 class Dashboard(App[None]):
@@ -62,6 +62,10 @@ class Dashboard(App[None]):
         Binding("w", "wake", "wake", id="wake"),
         Binding("S", "start", "start", id="start"),
         Binding("X", "stop", "stop", id="stop"),
+        Binding("plus", "capacity(1)", "+cap", id="capacity_up"),
+        Binding("minus", "capacity(-1)", "-cap", id="capacity_down"),
+        Binding("a", "add_server", "add", id="add_server"),
+        Binding("delete", "remove_server", "remove", id="remove_server"),
         Binding("r", "reload", "reload", id="reload"),
         Binding("l", "instance_log", "log", id="log"),
         Binding("R", "toggle_requests", "requests", id="requests"),
@@ -336,7 +340,7 @@ class Dashboard(App[None]):
         for binding in self.BINDINGS:
             if not isinstance(binding, Binding) or not binding.show:
                 continue
-            state = self.check_action(binding.action, ())
+            state = self.check_action(binding.action.split("(")[0], ())  # "capacity(1)" -> "capacity"
             if state is not False:
                 states.append((KEY_LABELS.get(binding.key, binding.key), binding.description, bool(state)))
         return states
@@ -384,6 +388,31 @@ class Dashboard(App[None]):
                 self.run_worker(self._run_command("sleep", lambda: actions.sleep(server, level)), group="commands")
 
         self.push_screen(SleepScreen(server.name), chosen)
+
+    def action_capacity(self, step: int) -> None:
+        self._background("capacity", lambda actions, server: actions.change_capacity(server, step))
+
+    def action_add_server(self) -> None:
+        actions = self.core_actions
+        if actions is None:
+            return
+
+        def chosen(answer: tuple[str, int] | None) -> None:
+            if answer is not None:
+                self.run_worker(self._run_command("add server", lambda: actions.add_server(*answer)), group="commands")
+
+        self.push_screen(AddServerScreen(), chosen)
+
+    def action_remove_server(self) -> None:
+        server, actions = self.selected_server, self.core_actions
+        if server is None or actions is None:
+            return
+
+        def chosen(yes: bool | None) -> None:
+            if yes:
+                self.run_worker(self._run_command("remove server", lambda: actions.remove_server(server)), group="commands")
+
+        self.push_screen(ConfirmScreen(f"Remove [b]{server.name}[/b] ({server.url}) from the cluster and the config file?"), chosen)
 
     def action_wake(self) -> None:
         self._background("wake", lambda actions, server: actions.wake(server))

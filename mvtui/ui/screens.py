@@ -12,13 +12,17 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.markup import escape
-from textual.widgets import Log, Static
+from textual import on
+from textual.widgets import Input, Log, Static
 
 from mvtui.ui import panels
 
 KEYS = (
     ("↑ ↓  j k", "select a server (← → in the grid)"),
-    ("d", "drain: no new requests, those in flight finish; again to undrain"),
+    ("d", "drain: no new requests, those in flight finish; again to undrain (kept in the config file)"),
+    ("+ -", "raise or lower the server's capacity (max_concurrent_requests, written to the config file)"),
+    ("a", "add a server (written to the config file)"),
+    ("del", "remove the server: those in flight finish first (and from the config file)"),
     ("s", "sleep the server (asks level 1 or 2)"),
     ("w", "wake a sleeping server"),
     ("S", "start a managed instance"),
@@ -103,6 +107,51 @@ class SleepScreen(ModalScreen[int | None]):
 
     def action_choose(self, level: int) -> None:
         self.dismiss(level or None)
+
+
+class AddServerScreen(ModalScreen[tuple[str, int] | None]):
+    """Asks a new server's URL and capacity; dismisses with (url, capacity) or None."""
+
+    BINDINGS = [Binding("escape", "cancel", "cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="add-box", classes="dialog"):
+            yield Static("URL of the vLLM server, and how many requests it may run at once:")
+            yield Input(placeholder="http://gpu-3:8000", id="add-url")
+            yield Input(value="8", placeholder="max_concurrent_requests", id="add-capacity", type="integer")
+            yield Static("[b]Enter[/b] adds it (and writes it to the config file), [b]Esc[/b] cancels.")
+
+    def on_mount(self) -> None:
+        self.query_one("#add-box").border_title = "add a server"
+        self.query_one("#add-url", Input).focus()
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        url = self.query_one("#add-url", Input).value.strip()
+        capacity = self.query_one("#add-capacity", Input).value.strip()
+        if event.input.id == "add-url" and url:
+            self.query_one("#add-capacity", Input).focus()
+        elif url and capacity.isdigit():
+            self.dismiss((url, int(capacity)))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question; dismisses with True for y."""
+
+    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"{self.question}\n\n[b]y[/b] yes   [b]n[/b] no", id="confirm-box", classes="dialog")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
 
 
 class InstanceLogScreen(ModalScreen[None]):
