@@ -453,3 +453,51 @@ def test_metrics_endpoint_exports_the_routers_counters(trio: tuple[Proc, list[Pr
         assert name in text, name
     statuses = Counter(line.split('status="')[1].split('"')[0] for line in text.splitlines() if line.startswith("mvtui_requests_total"))
     assert "200" in statuses
+
+
+def hung_config(path: Path, sim: Proc) -> Path:
+    """One server, a 1 s request_timeout and no retries: a timeout is answered at once."""
+    write_config(path, [(sim.url, 4)])
+    path.write_text(path.read_text().replace("request_timeout = 20", "request_timeout = 1").replace("max_retries = 3", "max_retries = 0"))
+    return path
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_upstream_that_never_answers_is_timed_out_by_request_timeout(tmp_path: Path, stream: bool) -> None:
+    sim = start_sim("llama", extra=["--hang"])
+    router = None
+    try:
+        router = start_router(hung_config(tmp_path / "servers.toml", sim))
+        wait_until(lambda: healthy_count(router) == 1)
+        body = {"model": "llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stream": stream}
+        started = time.monotonic()
+        reply = http.post(router.url + "/v1/chat/completions", json=body, timeout=15)
+        assert time.monotonic() - started >= 0.9  # it waited for request_timeout, not less
+        assert reply.status_code == 502
+        assert "timed out" in reply.json()["error"]["message"]
+        assert sim_state(sim)["hung"] == 1
+    finally:
+        for proc in (router, sim):
+            if proc is not None:
+                proc.stop()
+
+
+def test_a_stream_that_stalls_mid_way_is_timed_out_with_an_error_event(tmp_path: Path) -> None:
+    sim = start_sim("llama", extra=["--tokens-per-s", "0.2", "--ttft-ms", "5"])  # a token, then 5 s of silence
+    router = None
+    try:
+        router = start_router(hung_config(tmp_path / "servers.toml", sim))
+        wait_until(lambda: healthy_count(router) == 1)
+        body = {"model": "llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 20, "stream": True}
+        with http.stream(router.url + "/v1/chat/completions", json=body, timeout=15) as (status, lines):
+            assert status == 200
+            events = [line for line in lines if line.startswith("data: ")]
+        assert len(events) >= 2  # at least one token went through before the stall
+        last = json.loads(events[-1][len("data: "):])
+        assert last["error"]["code"] == 502
+        assert "timed out" in last["error"]["message"]
+        assert wait_until(lambda: sim_state(sim)["aborted"] == 1, timeout=5)  # the upstream request was closed
+    finally:
+        for proc in (router, sim):
+            if proc is not None:
+                proc.stop()
