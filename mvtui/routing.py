@@ -40,22 +40,24 @@ def in_flight_score(server: Loaded) -> float:
     return server.in_flight / server.capacity
 
 
-def _lowest(candidates: Sequence[T], score: Callable[[Loaded], float], rng: random.Random) -> T:
-    best = min(score(candidate) for candidate in candidates)
-    tied = [candidate for candidate in candidates if score(candidate) == best]
+def _lowest(scored: Sequence[tuple[float, T]], rng: random.Random) -> T:
+    """The candidate with the lowest score (each scored once, in the candidates' order)."""
+    best = min(score for score, _ in scored)
+    tied = [candidate for score, candidate in scored if score == best]
     return tied[0] if len(tied) == 1 else rng.choice(tied)
 
 
 def balanced(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
     """Prefer servers under 50 % load, then the least loaded; ties at random. When every
     server is full the least loaded still gets it: vLLM queues the request."""
-    preferred = [candidate for candidate in candidates if balanced_score(candidate) < PREFERRED_LOAD]
-    return _lowest(preferred or candidates, balanced_score, rng)
+    scored = [(balanced_score(candidate), candidate) for candidate in candidates]
+    preferred = [pair for pair in scored if pair[0] < PREFERRED_LOAD]
+    return _lowest(preferred or scored, rng)
 
 
 def least_loaded(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
     """The fewest of the router's own requests in flight per unit of capacity."""
-    return _lowest(candidates, in_flight_score, rng)
+    return _lowest([(in_flight_score(candidate), candidate) for candidate in candidates], rng)
 
 
 def round_robin(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
