@@ -27,8 +27,6 @@ class Loaded(Protocol):
 T = TypeVar("T", bound=Loaded)
 Policy = Callable[[Sequence[T], random.Random, int], T]
 
-PREFERRED_LOAD = 0.5
-
 
 def balanced_score(server: Loaded) -> float:
     """mvllm's `(running + 0.5 * waiting) / capacity`, plus what the router sent since the
@@ -48,11 +46,10 @@ def _lowest(scored: Sequence[tuple[float, T]], rng: random.Random) -> T:
 
 
 def balanced(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
-    """Prefer servers under 50 % load, then the least loaded; ties at random. When every
-    server is full the least loaded still gets it: vLLM queues the request."""
-    scored = [(balanced_score(candidate), candidate) for candidate in candidates]
-    preferred = [pair for pair in scored if pair[0] < PREFERRED_LOAD]
-    return _lowest(preferred or scored, rng)
+    """The least loaded by `balanced_score`, ties at random. This is mvllm's "prefer servers
+    under 50 %, then the least loaded": the least loaded is under 50 % whenever any server
+    is. When every server is full it still gets the request: vLLM queues it."""
+    return _lowest([(balanced_score(candidate), candidate) for candidate in candidates], rng)
 
 
 def least_loaded(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
