@@ -560,3 +560,14 @@ async def test_edit_keys_write_the_config_file_and_change_only_the_edited_value(
             await pilot.press("delete", "y")
             await eventually(lambda: a.url not in path.read_text(), what="alpha removed from the file")
             await eventually(lambda: services.cluster.servers.get(a.url) is None, what="alpha gone")
+
+
+async def test_an_empty_cluster_says_how_to_add_a_server(tmp_path: Path, paths: AppPaths) -> None:
+    path = tmp_path / "servers.toml"
+    path.write_text(config_text([]).replace("servers = [\n  \n]", "servers = []"))
+    app = create_app(core_from_file(path, paths), paths, user_themes=False)
+    async with app.run_test(size=(100, 30)):
+        await app.settled()
+        app.tick()
+        hint = app.query_one("#no-servers")
+        assert hint.display and str(path) in str(hint.render())

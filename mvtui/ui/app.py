@@ -21,7 +21,8 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal
 from textual.events import Key
 from textual.color import Color
-from textual.widgets import Input
+from textual.markup import escape
+from textual.widgets import Input, Static
 
 from mvtui import commands
 from mvtui.cluster import ClusterEvent, ClusterSummary, RequestRecord, Server
@@ -114,6 +115,7 @@ class Dashboard(App[None]):
     def compose(self) -> ComposeResult:
         yield ClusterBar()
         yield Grid(id="servers")
+        yield Static(id="no-servers")
         yield GpuPane()
         with Horizontal(id="bottom"):
             yield EventsPane(self.events)
@@ -294,7 +296,20 @@ class Dashboard(App[None]):
             return False, 1
         return True, columns
 
+    def _show_empty_hint(self) -> None:
+        """With no server at all, say how to get one instead of showing a blank screen."""
+        hint = self.query_one("#no-servers", Static)
+        empty = self.services is not None and len(self.services.cluster) == 0
+        hint.display = empty
+        if empty:
+            where = self.services.config_path or self.paths.default_config  # type: ignore[union-attr]
+            hint.update(
+                f"No servers yet. Press [b]a[/b] to add one, list them in [b]{escape(str(where))}[/b] "
+                "(servers.example.toml shows every option), or try [b]mvtui --demo[/b]."
+            )
+
     def _sync_panes(self, servers: list[Server]) -> None:
+        self._show_empty_hint()
         grid = self._grid
         wanted = [server.url for server in servers]
         if list(self._panes) == wanted and all(self._panes[server.url].server is server for server in servers):
