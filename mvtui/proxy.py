@@ -267,10 +267,11 @@ class Proxy:
                 raise ProxyError(502, f"Upstream {server.name} failed: {describe_error(error)}") from None
             return None
         try:
-            if upstream.status >= 500 and not last:
+            if upstream.status >= 500:
                 server.stats.errors += 1
                 server.last_error = f"answered {upstream.status}"
-                return None
+                if not last:
+                    return None
             return await self._relay(request, upstream, server, started)
         finally:
             upstream.close()
@@ -316,9 +317,7 @@ class Proxy:
     def _record(self, request: web.Request, model: str, server: Server, outcome: _Outcome, started: float, retries: int) -> None:
         latency = time.perf_counter() - started
         status = outcome.status
-        if status >= 500:
-            server.stats.errors += 1
-        server.stats.completed += 1
+        server.stats.completed += 1  # its errors were counted where they happened
         self.metrics.requests.labels(server.name, model, str(status)).inc()
         self.metrics.latency.labels(model).observe(latency)
         if outcome.ttft is not None:

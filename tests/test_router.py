@@ -311,6 +311,8 @@ def test_5xx_before_the_first_byte_is_retried_elsewhere(tmp_path: Path) -> None:
             assert client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}], max_tokens=2).choices
         assert sim_state(broken)["received"] >= 1  # it was tried...
         assert retries_total(router) == sim_state(broken)["received"]  # ...and each failure was retried
+        assert by_name(router)[broken.url]["errors"] == sim_state(broken)["received"]  # counted once each
+        assert by_name(router)[healthy.url]["errors"] == 0
     finally:
         for proc in (router, broken, healthy):
             if proc is not None:
