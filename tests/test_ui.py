@@ -571,3 +571,13 @@ async def test_an_empty_cluster_says_how_to_add_a_server(tmp_path: Path, paths: 
         app.tick()
         hint = app.query_one("#no-servers")
         assert hint.display and str(path) in str(hint.render())
+
+
+async def test_escape_in_the_add_server_question_cancels_it(paths: AppPaths) -> None:
+    app = create_app(frozen_factory(frozen_services(paths)), paths, user_themes=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.settled()
+        before = len(app.services.cluster)  # type: ignore[union-attr]
+        await pilot.press("a", "h", "escape")
+        await pilot.pause()
+        assert len(app.screen_stack) == 1 and len(app.services.cluster) == before  # type: ignore[union-attr]

@@ -145,6 +145,8 @@ class Dashboard(App[None]):
 
     async def on_mount(self) -> None:
         self._bar, self._grid, self._gpu_pane = self.query_one(ClusterBar), self.query_one("#servers", Grid), self.query_one(GpuPane)
+        # held, not queried later: a modal screen may be on top then
+        self._empty_hint, self._filter_field = self.query_one("#no-servers", Static), self.query_one("#filter", Input)
         self._events_pane, self._requests_pane, self._keys = self.query_one(EventsPane), self.query_one(RequestsPane), self.query_one(KeyBar)
         self._ui_up = True
         await self._load_themes()
@@ -298,7 +300,7 @@ class Dashboard(App[None]):
 
     def _show_empty_hint(self) -> None:
         """With no server at all, say how to get one instead of showing a blank screen."""
-        hint = self.query_one("#no-servers", Static)
+        hint = self._empty_hint
         empty = self.services is not None and len(self.services.cluster) == 0
         hint.display = empty
         if empty:
@@ -461,7 +463,7 @@ class Dashboard(App[None]):
         self.tick()
 
     def _show_filter(self, shown: bool) -> Input:
-        field = self.query_one("#filter", Input)
+        field = self._filter_field
         field.display = shown
         field.can_focus = shown  # a hidden field must never take the keys
         return field
@@ -480,7 +482,7 @@ class Dashboard(App[None]):
         self.set_focus(None)
 
     def on_key(self, event: Key) -> None:
-        field = self.query_one("#filter", Input)
+        field = self._filter_field
         if event.key == "escape" and field.has_focus:
             field.value = ""
             self._show_filter(False)
