@@ -289,8 +289,8 @@ class Proxy:
     ) -> tuple[web.StreamResponse, _Outcome]:
         if upstream.content_type != "text/event-stream":
             payload = await upstream.read()
-            response = web.Response(status=upstream.status, body=payload, headers=response_headers(upstream.headers))
-            return response, _Outcome(upstream.status, tokens=_completion_tokens(payload))
+            answer = web.Response(status=upstream.status, body=payload, headers=response_headers(upstream.headers))
+            return answer, _Outcome(upstream.status, tokens=_completion_tokens(payload))
         response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream.headers))
         outcome = _Outcome(upstream.status, tokens=0)
         content = upstream.content

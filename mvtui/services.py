@@ -102,10 +102,8 @@ class Services:
         self.poller = Poller(self.cluster, self.session, lambda: self.config.timing, self.metrics)
         self.poller.reconcile()
         self.spawn(self.poller.run(), "poller")
-        self._start_control()
-        self.proxy = Proxy(
-            self.cluster, self.session, lambda: self.config, self.chooser, self.metrics, make_available=self.control.make_available
-        )
+        control = self._start_control()
+        self.proxy = Proxy(self.cluster, self.session, lambda: self.config, self.chooser, self.metrics, make_available=control.make_available)
         await self._serve()
         self.admin = AdminServer(self)
         await self.admin.start()
@@ -115,7 +113,7 @@ class Services:
             await self.reloader.start()
             self.on_stop(self.reloader.stop)
 
-    def _start_control(self) -> None:
+    def _start_control(self) -> Controller:
         """Sleep/wake control and local instances; their process groups stop with us."""
         timing = lambda: self.config.timing  # noqa: E731
         self.control = Controller(self.cluster, self.session, timing, self.cluster.clock)  # type: ignore[arg-type]
@@ -126,6 +124,7 @@ class Services:
         self.spawn(self.instances.run(), "instances")
         self.on_stop(self.instances.stop_all)
         self.on_stop(self.control.close)
+        return self.control
 
     async def _serve(self) -> None:
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
