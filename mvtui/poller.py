@@ -90,7 +90,7 @@ class Poller:
                 if now >= next_health or not server.is_up:
                     await self.check_health(server)
                     next_health = now + timing.health_check_interval
-                if server.is_up and not server.asleep:
+                if server.is_up:  # a sleeping vLLM still answers /metrics: its numbers stay true
                     await self.scrape(server)
             await asyncio.sleep(timing.metrics_interval)
 

@@ -113,6 +113,9 @@ async def test_sleep_drains_first_then_sleeps_and_shows_state(tmp_path: Path, pr
         assert state["sleeping"] and state["sleep_level"] == 1
         assert state["sleeps_with_inflight"] == 0  # /sleep came only after the drain
         assert server.state == "sleeping L1" and not server.routable
+        # a sleeping server is still scraped: the dashboard shows its true, empty engine
+        await eventually(lambda: server.metrics.sleep_state == "weights_offloaded", what="a scrape while asleep")
+        assert server.running == 0 and server.waiting == 0
 
 
 async def test_level_two_wake_reloads_weights_and_resets_prefix_cache(tmp_path: Path, procs: list[Proc]) -> None:
