@@ -233,7 +233,7 @@ class Proxy:
             tried.add(server.url)
             server.request_started()
             try:
-                result = await self._attempt(request, server, body, model, config, started, last=attempt == config.timing.max_retries)
+                result = await self._attempt(request, server, body, config, started, last=attempt == config.timing.max_retries)
             except ProxyError as error:
                 self._record(request, model, server, _Outcome(error.status), started, attempt)
                 raise
@@ -252,7 +252,7 @@ class Proxy:
         raise AssertionError("unreachable: the last attempt always answers")
 
     async def _attempt(
-        self, request: web.Request, server: Server, body: bytes, model: str, config: Config, started: float, *, last: bool
+        self, request: web.Request, server: Server, body: bytes, config: Config, started: float, *, last: bool
     ) -> tuple[web.StreamResponse, _Outcome] | None:
         """One try on one server; None means: retry elsewhere."""
         timeout = upstream_timeout(config.timing.request_timeout)
