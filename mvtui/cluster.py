@@ -101,7 +101,6 @@ class ServerStats:
     requests: int = 0
     errors: int = 0
     retries: int = 0
-    completed: int = 0
     ttft: deque[float] = field(default_factory=lambda: deque(maxlen=200))
     request_rate: RateHistory = field(default_factory=RateHistory)
     token_rate: RateHistory = field(default_factory=RateHistory)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from http import HTTPStatus
 
 from aiohttp import web
 
@@ -39,10 +38,3 @@ def error_response(
 def sse_error_event(status: int, message: str) -> bytes:
     """An error sent inside an SSE stream once bytes have already reached the client."""
     return b"data: " + json.dumps(error_body(status, message)).encode() + b"\n\n"
-
-
-def reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"

@@ -316,8 +316,7 @@ class Proxy:
 
     def _record(self, request: web.Request, model: str, server: Server, outcome: _Outcome, started: float, retries: int) -> None:
         latency = time.perf_counter() - started
-        status = outcome.status
-        server.stats.completed += 1  # its errors were counted where they happened
+        status = outcome.status  # its errors were counted where they happened
         self.metrics.requests.labels(server.name, model, str(status)).inc()
         self.metrics.latency.labels(model).observe(latency)
         if outcome.ttft is not None:
