@@ -5,6 +5,9 @@ Two simulated vLLM servers are started once; every target is measured against th
   direct        the load generator spreads requests round-robin over the two simulators
   mvtui         `mvtui --no-ui` on plain asyncio ($MVTUI_LOOP=asyncio)
   mvtui+uvloop  `mvtui --no-ui` on uvloop (the `fast` extra), when uvloop is installed
+  aiohttp-floor an aiohttp server relaying through one ClientSession and doing nothing else
+                (benchmarks/aiohttp_floor.py; `+uvloop` on uvloop): the least any router
+                built on aiohttp can cost, so mvtui's own cost shows apart from aiohttp's
   vllm-router   the vLLM project's Rust router (PyPI `vllm-router`, round_robin), when
                 benchmarks/.venv-vllm-router has it:
                     python -m venv benchmarks/.venv-vllm-router
@@ -18,7 +21,7 @@ Markdown table goes to stdout and to benchmarks/results/router.md (raw numbers: 
 Every process started here runs in its own process group and is stopped by that group at the
 end, whatever happens.
 
-    .venv/bin/python benchmarks/router_bench.py                      # about 3 minutes
+    .venv/bin/python benchmarks/router_bench.py                      # about 4 minutes
     .venv/bin/python benchmarks/router_bench.py --compare /tmp/before   # + that tree's mvtui
     .venv/bin/python benchmarks/router_bench.py --profile            # + py-spy on each mvtui
 """
@@ -50,6 +53,7 @@ RESULTS = HERE / "results"
 VLLM_ROUTER = HERE / ".venv-vllm-router" / "bin" / "vllm-router"
 MODEL = "bench"
 MODES = ("plain", "stream")
+TARGETS = ("direct", "mvtui", "mvtui+uvloop", "aiohttp-floor", "aiohttp-floor+uvloop", "vllm-router")
 READY_TIMEOUT_S = 30.0
 # The issue's targets, checked on the c=1 and c=32 rows of each mvtui variant.
 MIN_RATIO = {"plain": 0.40, "stream": 0.75}
@@ -171,6 +175,7 @@ def plan_targets(wanted: list[str], compare: Path | None) -> list[Target]:
     no_uvloop = None if uvloop_version() else "not available: uvloop is not installed (pip install -e '.[fast]')"
     why_not = {
         "mvtui+uvloop": no_uvloop,
+        "aiohttp-floor+uvloop": no_uvloop,
         "vllm-router": None if vllm_router_version() else f"not available: {VLLM_ROUTER.relative_to(REPO)} missing (see this file's docstring)",
     }
     targets = [Target(name, why_not.get(name)) for name in wanted]
@@ -216,6 +221,11 @@ def start_target(target: Target, procs: Processes, sims: list[str]) -> Running:
         argv = [sys.executable, "-m", "mvtui", "--no-ui", "--config", str(mvtui_config(procs.logs, sims)), "--port", str(port), "--host", "127.0.0.1"]
         entry = procs.start(target.name, argv, child_env(procs.logs, {"MVTUI_LOOP": loop}, target.source), cwd=target.source)
         check = mvtui_sees_both
+    elif target.name.startswith("aiohttp-floor"):
+        argv = [sys.executable, str(HERE / "aiohttp_floor.py"), "--port", str(port)] + [part for url in sims for part in ("--upstream", url)]
+        argv += ["--uvloop"] if target.name.endswith("+uvloop") else []
+        entry = procs.start(target.name, argv, child_env(procs.logs, {}))
+        check = answers_completion
     else:
         argv = [str(VLLM_ROUTER), "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin", "--worker-urls", *sims, "--log-level", "warning"]
         entry = procs.start(target.name, argv, child_env(procs.logs, {}))
@@ -339,7 +349,7 @@ def measure_cell(running: Running, cell: Cell, sim_pids: list[int], args: argpar
     router_after, sims_after = cpu_of([running.pid]) if running.pid else None, cpu_of(sim_pids)
     cell.add(run, _delta(router_before, router_after), _delta(sims_before, sims_after))
     print(
-        f"{cell.target:13} {cell.mode:6} c={cell.concurrency:<4} round {len(cell.runs)}: {run['rps']:8.1f} req/s  "
+        f"{cell.target:20} {cell.mode:6} c={cell.concurrency:<4} round {len(cell.runs)}: {run['rps']:8.1f} req/s  "
         f"p50 {run['p50_ms']} ms  p99 {run['p99_ms']} ms  errors {run['errors']}",
         file=sys.stderr,
         flush=True,
@@ -433,7 +443,11 @@ def target_checks(cells: list[Cell]) -> list[str]:
     for cell in cells:
         result = cell.summary()
         base = direct.get((cell.mode, cell.concurrency))
-        if not cell.target.startswith("mvtui") or result is None or base is None:
+        if result is None or base is None:
+            continue
+        if cell.target.startswith("aiohttp-floor") and cell.concurrency == 32:
+            lines.append(f"- {cell.target} {cell.mode} c=32: {100 * result['rps'] / base['rps']:.0f}% of direct: the ceiling for a relay on aiohttp here")
+        if not cell.target.startswith("mvtui"):
             continue
         if cell.concurrency == 32:
             ratio, goal = result["rps"] / base["rps"], MIN_RATIO[cell.mode]
@@ -475,8 +489,7 @@ def report(cells: list[Cell], args: argparse.Namespace, started: float) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Router speed against direct connections to two simulated vLLM servers.")
-    parser.add_argument("--targets", nargs="+", default=["direct", "mvtui", "mvtui+uvloop", "vllm-router"],
-                        choices=["direct", "mvtui", "mvtui+uvloop", "vllm-router"])
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 32, 256])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per cell and target")
