@@ -6,8 +6,10 @@ Two simulated vLLM servers are started once; every target is measured against th
   mvtui         `mvtui --no-ui` on plain asyncio ($MVTUI_LOOP=asyncio)
   mvtui+uvloop  `mvtui --no-ui` on uvloop (the `fast` extra), when uvloop is installed
   aiohttp-floor an aiohttp server relaying through one ClientSession and doing nothing else
-                (benchmarks/aiohttp_floor.py; `+uvloop` on uvloop): the least any router
+                (benchmarks/floor_relays.py; `+uvloop` on uvloop): the least any router
                 built on aiohttp can cost, so mvtui's own cost shows apart from aiohttp's
+  asyncio-floor bytes passed verbatim through asyncio protocols (floor_relays.py): what a
+                hand-written relay in place of aiohttp could reach
   vllm-router   the vLLM project's Rust router (PyPI `vllm-router`, round_robin), when
                 benchmarks/.venv-vllm-router has it:
                     python -m venv benchmarks/.venv-vllm-router
@@ -53,7 +55,7 @@ RESULTS = HERE / "results"
 VLLM_ROUTER = HERE / ".venv-vllm-router" / "bin" / "vllm-router"
 MODEL = "bench"
 MODES = ("plain", "stream")
-TARGETS = ("direct", "mvtui", "mvtui+uvloop", "aiohttp-floor", "aiohttp-floor+uvloop", "vllm-router")
+TARGETS = ("direct", "mvtui", "mvtui+uvloop", "aiohttp-floor", "aiohttp-floor+uvloop", "asyncio-floor", "vllm-router")
 READY_TIMEOUT_S = 30.0
 # The targets, checked on the c=1 and c=32 rows of each mvtui variant.
 MIN_RATIO = {"plain": 0.40, "stream": 0.75}
@@ -221,8 +223,9 @@ def start_target(target: Target, procs: Processes, sims: list[str]) -> Running:
         argv = [sys.executable, "-m", "mvtui", "--no-ui", "--config", str(mvtui_config(procs.logs, sims)), "--port", str(port), "--host", "127.0.0.1"]
         entry = procs.start(target.name, argv, child_env(procs.logs, {"MVTUI_LOOP": loop}, target.source), cwd=target.source)
         check = mvtui_sees_both
-    elif target.name.startswith("aiohttp-floor"):
-        argv = [sys.executable, str(HERE / "aiohttp_floor.py"), "--port", str(port)] + [part for url in sims for part in ("--upstream", url)]
+    elif "-floor" in target.name:
+        relay = target.name.split("-floor")[0]
+        argv = [sys.executable, str(HERE / "floor_relays.py"), relay, "--port", str(port)] + [part for url in sims for part in ("--upstream", url)]
         argv += ["--uvloop"] if target.name.endswith("+uvloop") else []
         entry = procs.start(target.name, argv, child_env(procs.logs, {}))
         check = answers_completion
@@ -445,8 +448,9 @@ def target_checks(cells: list[Cell]) -> list[str]:
         base = direct.get((cell.mode, cell.concurrency))
         if result is None or base is None:
             continue
-        if cell.target.startswith("aiohttp-floor") and cell.concurrency == 32:
-            lines.append(f"- {cell.target} {cell.mode} c=32: {100 * result['rps'] / base['rps']:.0f}% of direct: the ceiling for a relay on aiohttp here")
+        if "-floor" in cell.target and cell.concurrency == 32:
+            on = "on aiohttp" if cell.target.startswith("aiohttp") else "passing bytes through asyncio protocols"
+            lines.append(f"- {cell.target} {cell.mode} c=32: {100 * result['rps'] / base['rps']:.0f}% of direct: the ceiling for a relay {on} here")
         if not cell.target.startswith("mvtui"):
             continue
         if cell.concurrency == 32:
