@@ -25,7 +25,7 @@ end, whatever happens.
 
     .venv/bin/python benchmarks/router_bench.py                      # about 4 minutes
     .venv/bin/python benchmarks/router_bench.py --compare /tmp/before   # + that tree's mvtui
-    .venv/bin/python benchmarks/router_bench.py --profile            # + py-spy on each mvtui
+    .venv/bin/python benchmarks/router_bench.py --profile            # + py-spy on each Python router
 """
 
 from __future__ import annotations
@@ -369,7 +369,7 @@ def run_all(args: argparse.Namespace, procs: Processes) -> list[Cell]:
     sims, sim_pids = start_sims(procs, args)
     targets = plan_targets(args.targets, args.compare)
     running = [start_target(target, procs, sims) for target in targets if not target.unavailable]
-    profilers = [start_profiler(procs, r.name, r.pid) for r in running if args.profile and r.pid and r.name.startswith("mvtui")]
+    profilers = [start_profiler(procs, r.name, r.pid) for r in running if args.profile and r.pid and r.name != "vllm-router"]
     cells: list[Cell] = []
     for mode in args.modes:
         for concurrency in args.concurrency:
@@ -502,7 +502,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens-per-s", type=float, default=100000.0, help="simulator decode speed per sequence")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request")
     parser.add_argument("--compare", type=Path, help="also run the mvtui of this other source tree (before/after a change)")
-    parser.add_argument("--profile", action="store_true", help="record each mvtui target with py-spy into benchmarks/results/")
+    parser.add_argument("--profile", action="store_true", help="record each Python router (mvtui, the floors) with py-spy into benchmarks/results/")
     parser.add_argument("--output", type=Path, default=RESULTS / "router.md")
     args = parser.parse_args()
     if "direct" not in args.targets:
