@@ -18,8 +18,9 @@ Two simulated vLLM servers are started once; every target is measured against th
 All targets run for the whole benchmark. For each mode (plain, stream) and concurrency,
 benchmarks/load.py runs as its own process once per target and round, the rounds visiting the
 targets in rotated order, so that the machine's changing background load is shared out. The
-router's and the simulators' CPU time per request is read from /proc around each run. The
-Markdown table goes to stdout and to benchmarks/results/router.md (raw numbers: router.json).
+router's and the simulators' CPU time per request is read from /proc around each run, and the
+router's resident memory after it. The Markdown table goes to stdout and to
+benchmarks/results/router.md (raw numbers: router.json).
 Every process started here runs in its own process group and is stopped by that group at the
 end, whatever happens.
 
@@ -238,6 +239,16 @@ def start_target(target: Target, procs: Processes, sims: list[str]) -> Running:
     return Running(target.name, [url], entry.proc.pid)
 
 
+def resident_mib(pid: int) -> float | None:
+    """The process's resident memory now (VmRSS), from /proc; None where there is none."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), None)
+    return int(kib) / 1024 if kib else None
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process (all its threads), from /proc; None where there is none."""
     try:
@@ -294,6 +305,7 @@ class Cell:
     concurrency: int
     runs: list[dict] = field(default_factory=list)
     router_cpu_s: float = 0.0
+    router_rss_mib: float | None = None  # the largest reading after a round
     sims_cpu_s: float = 0.0
     unavailable: str | None = None
 
@@ -317,6 +329,7 @@ class Cell:
             "p99_ms": percentile(latencies, 0.99),
             "ttft_p50_ms": percentile(ttfts, 0.50),
             "router_cpu_us": 1e6 * self.router_cpu_s / completed if self.router_cpu_s else None,
+            "router_rss_mib": self.router_rss_mib,
             "sims_cpu_us": 1e6 * self.sims_cpu_s / completed,
             "load_cpu_us": 1e6 * sum(run["cpu_s"] for run in self.runs) / completed,
         }
@@ -346,11 +359,15 @@ def cpu_of(pids: list[int]) -> float | None:
 
 
 def measure_cell(running: Running, cell: Cell, sim_pids: list[int], args: argparse.Namespace) -> None:
-    """One round of one cell, with the CPU time the router and the simulators spent on it."""
+    """One round of one cell, with the CPU time the router and the simulators spent on it
+    and the router's resident memory right after it."""
     router_before, sims_before = cpu_of([running.pid]) if running.pid else None, cpu_of(sim_pids)
     run = measure(running.urls, cell.mode, cell.concurrency, args)
     router_after, sims_after = cpu_of([running.pid]) if running.pid else None, cpu_of(sim_pids)
     cell.add(run, _delta(router_before, router_after), _delta(sims_before, sims_after))
+    rss = resident_mib(running.pid) if running.pid else None
+    if rss is not None:
+        cell.router_rss_mib = max(rss, cell.router_rss_mib or 0.0)
     print(
         f"{cell.target:20} {cell.mode:6} c={cell.concurrency:<4} round {len(cell.runs)}: {run['rps']:8.1f} req/s  "
         f"p50 {run['p50_ms']} ms  p99 {run['p99_ms']} ms  errors {run['errors']}",
@@ -420,13 +437,13 @@ def table(cells: list[Cell]) -> str:
     direct = direct_results(cells)
     head = (
         "| target | mode | c | req/s | vs direct | p50 ms | p99 ms | added p50 | added p99 | TTFT p50 ms | added TTFT "
-        "| router CPU µs/req | sims CPU µs/req | errors |"
+        "| router CPU µs/req | sims CPU µs/req | router RSS MiB | errors |"
     )
-    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for cell in cells:
         r = cell.summary()
         if r is None:
-            rows.append(f"| {cell.target} | {cell.mode} | {cell.concurrency} | {cell.unavailable} |" + " |" * 10)
+            rows.append(f"| {cell.target} | {cell.mode} | {cell.concurrency} | {cell.unavailable} |" + " |" * 11)
             continue
         base = direct.get((cell.mode, cell.concurrency)) or {}
         ratio = 100 * r["rps"] / base["rps"] if base.get("rps") else None
@@ -435,7 +452,7 @@ def table(cells: list[Cell]) -> str:
             f"| {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {fmt(diff(r['p50_ms'], base.get('p50_ms')), sign=True)} "
             f"| {fmt(diff(r['p99_ms'], base.get('p99_ms')), sign=True)} | {fmt(r['ttft_p50_ms'])} "
             f"| {fmt(diff(r['ttft_p50_ms'], base.get('ttft_p50_ms')), sign=True)} "
-            f"| {fmt(r['router_cpu_us'], 0)} | {fmt(r['sims_cpu_us'], 0)} | {r['errors']} |"
+            f"| {fmt(r['router_cpu_us'], 0)} | {fmt(r['sims_cpu_us'], 0)} | {fmt(r['router_rss_mib'], 0)} | {r['errors']} |"
         )
     return "\n".join(rows)
 
@@ -479,7 +496,8 @@ def setup_lines(args: argparse.Namespace) -> list[str]:
         "the load generator in its own process (benchmarks/load.py); all targets run for the whole benchmark and each "
         "round visits them in a rotated order; rates and percentiles pool the rounds",
         "- CPU µs/req: user+system CPU time of the router process (all threads) and of both simulators, over every "
-        "request they completed during the cell (warm-up included), from /proc",
+        "request they completed during the cell (warm-up included), from /proc; router RSS: the largest resident "
+        "memory (VmRSS) read right after a round",
         "- added p50/p99/TTFT: the target's percentile minus direct's in the same run; TTFT = time to the first body chunk of a stream",
         "- mvtui uses its default policy (balanced); vllm-router uses round_robin; direct is round-robin in the load generator",
     ]
