@@ -24,7 +24,7 @@ benchmarks/results/router.md (raw numbers: router.json).
 Every process started here runs in its own process group and is stopped by that group at the
 end, whatever happens.
 
-    .venv/bin/python benchmarks/router_bench.py                      # about 4 minutes
+    .venv/bin/python benchmarks/router_bench.py                      # about 5 minutes
     .venv/bin/python benchmarks/router_bench.py --compare /tmp/before   # + that tree's mvtui
     .venv/bin/python benchmarks/router_bench.py --profile            # + py-spy on each Python router
 """
