@@ -26,7 +26,6 @@ import json
 import os
 import pty
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -49,18 +48,10 @@ TERMINAL = (160, 48)
 READY_TIMEOUT_S = 30.0
 TARGET_RATIO = 0.90
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from benchmarks.proc_readings import cpu_seconds  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 
 @dataclass

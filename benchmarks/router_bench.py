@@ -38,7 +38,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,11 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.proc_readings import cpu_seconds, resident_mib  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
+
 RESULTS = HERE / "results"
 VLLM_ROUTER = HERE / ".venv-vllm-router" / "bin" / "vllm-router"
 MODEL = "bench"
@@ -108,12 +112,6 @@ class Processes:
     def stop_all(self) -> None:
         for entry in reversed(list(self.started)):
             self.stop(entry)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -239,25 +237,6 @@ def start_target(target: Target, procs: Processes, sims: list[str]) -> Running:
     return Running(target.name, [url], entry.proc.pid)
 
 
-def resident_mib(pid: int) -> float | None:
-    """The process's resident memory now (VmRSS), from /proc; None where there is none."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), None)
-    return int(kib) / 1024 if kib else None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (all its threads), from /proc; None where there is none."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # -- profiling -------------------------------------------------------------------------
 def start_profiler(procs: Processes, name: str, pid: int) -> tuple[Started, Path] | None:
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -354,8 +333,11 @@ def measure(urls: list[str], mode: str, concurrency: int, args: argparse.Namespa
 
 
 def cpu_of(pids: list[int]) -> float | None:
-    readings = [cpu_seconds(pid) for pid in pids]
-    return None if None in readings else sum(readings)  # type: ignore[arg-type]
+    """Their CPU seconds together; None if one of them is gone."""
+    try:
+        return sum(cpu_seconds(pid) for pid in pids)
+    except OSError:
+        return None
 
 
 def measure_cell(running: Running, cell: Cell, sim_pids: list[int], args: argparse.Namespace) -> None:

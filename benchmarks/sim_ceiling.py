@@ -22,9 +22,8 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.proc_readings import cpu_seconds  # noqa: E402
 from tests.helpers import Proc, start_sim  # noqa: E402
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -44,11 +43,6 @@ class Result:
 
 
 HEADER = f"{'scenario':<8} {'conc':>5} {'req/s':>10} {'tok/s':>10} {'ideal':>10} {'sim cpu':>9}"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
 async def drive(url: str, concurrency: int, seconds: float,
