@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mvtui.vllm import parse_metrics  # noqa: E402
+from mvtui.cluster.vllm import parse_metrics  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 from mvtui import __version__
-from mvtui.config import Config, ConfigError, RouterConfig, load_config
+from mvtui.config.schema import Config, RouterConfig, load_config
+from mvtui.errors import ConfigError
 from mvtui.paths import AppPaths
-from mvtui.services import Services
+from mvtui.runtime.wiring import Services
 
 CoreFactory = Callable[[], contextlib.AbstractAsyncContextManager[Services]]
 
@@ -33,10 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     sim = commands.add_parser("sim", help="run a simulated vLLM server", description="A simulated vLLM server.")
-    from mvtui.sim import add_sim_arguments
+    from mvtui.sim.config import add_sim_arguments
 
     add_sim_arguments(sim)
-    from mvtui.admin_cli import add_admin_commands
+    from mvtui.admin.client import add_admin_commands
 
     add_admin_commands(commands)
     return parser
@@ -66,7 +67,7 @@ def with_overrides(config: Config, args: argparse.Namespace) -> Config:
 
 def core_factory(args: argparse.Namespace, paths: AppPaths) -> CoreFactory:
     if args.demo:
-        from mvtui.demo import demo_services
+        from mvtui.runtime.demo import demo_services
 
         config = with_overrides(Config(router=RouterConfig(host="127.0.0.1")), args)
         return lambda: demo_services(config, paths)
@@ -99,10 +100,10 @@ def configure_logging(verbose: bool, to_file: Path | None = None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "sim":
-        from mvtui.sim import run_sim_from_args
+        from mvtui.sim.runner import run_sim_from_args
 
         return run_sim_from_args(args)
-    from mvtui.admin_cli import ADMIN_COMMANDS, run_admin_command
+    from mvtui.admin.client import ADMIN_COMMANDS, run_admin_command
 
     if args.command in ADMIN_COMMANDS:  # talks to a running mvtui: no config, no logging setup
         return run_admin_command(args, AppPaths.default())
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error if error.problems else f"{error.path}: no such config file", file=sys.stderr)
         return 2
     if args.no_ui:
-        from mvtui.headless import serve_headless
+        from mvtui.runtime.headless import serve_headless
 
         return serve_headless(factory)
     from mvtui.ui.app import run_dashboard

@@ -1,40 +1,87 @@
-"""OpenAI-shaped error bodies, shared by the router and the simulator."""
+"""mvtui's own exceptions, in one place, and how a failed connection reads to people.
+
+Front ends turn these into what their user sees: the router into OpenAI error JSON, the
+admin API into its JSON errors, the dashboard into a notification.
+"""
 
 from __future__ import annotations
 
-import json
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
 
-from aiohttp import web
-
-_TYPE_BY_STATUS = {
-    400: "BadRequestError",
-    401: "AuthenticationError",
-    403: "PermissionDeniedError",
-    404: "NotFoundError",
-    409: "ConflictError",
-    413: "BadRequestError",
-    422: "UnprocessableEntityError",
-    429: "RateLimitError",
-}
+import aiohttp
 
 
-def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
-    """The `{"error": {...}}` object vLLM and OpenAI answer with."""
-    kind = _TYPE_BY_STATUS.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code if code is not None else status}}
+class MvtuiError(Exception):
+    """Base of every error mvtui raises on purpose; the message is for the operator."""
 
 
-def error_response(
-    status: int,
-    message: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    return web.json_response(error_body(status, message, param=param, code=code), status=status, headers=headers)
+class CommandError(MvtuiError):
+    """An operator command that cannot be carried out."""
 
 
-def sse_error_event(status: int, message: str) -> bytes:
-    """An error sent inside an SSE stream once bytes have already reached the client."""
-    return b"data: " + json.dumps(error_body(status, message)).encode() + b"\n\n"
+class UnknownServer(CommandError):
+    """No server or instance answers to the name or URL given."""
+
+
+class Unavailable(CommandError):
+    """No server can take a request for a model now (all asleep, starting or drained)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config file, where the parser could tell."""
+
+    where: str
+    message: str
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        at = f"line {self.line}, column {self.column}: " if self.line else ""
+        return f"{at}{self.where}: {self.message}"
+
+
+class ConfigError(MvtuiError):
+    """A config that cannot be used, with every problem found in it."""
+
+    def __init__(self, path: Path | str | None, problems: list[Problem]) -> None:
+        self.path = Path(path).absolute() if path else None
+        self.problems = problems
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        head = f"{self.path}: " if self.path else ""
+        count = len(self.problems)
+        lines = [f"{head}{count} problem{'s' if count != 1 else ''} in the config"]
+        lines += [f"  - {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+class ConfigEditError(MvtuiError):
+    """An edit of the config file that was not made. The file is untouched."""
+
+
+class VllmError(MvtuiError):
+    """A vLLM server answered a control call with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+CONNECTION_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError)
+
+
+def describe_error(error: BaseException) -> str:
+    """A connection failure in a few words."""
+    if isinstance(error, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return f"cannot connect: {error.os_error.strerror or error.os_error}" if error.os_error else "cannot connect"
+    return str(error) or type(error).__name__

@@ -14,10 +14,10 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 
-from mvtui.config import AdminConfig, Config, InstanceConfig, RouterConfig, ServerConfig, TimingConfig
+from mvtui.config.schema import AdminConfig, Config, InstanceConfig, RouterConfig, ServerConfig, TimingConfig
 from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
-from mvtui.services import Services
+from mvtui.runtime.wiring import Services
 from tests.helpers import REPO_ROOT, Proc, free_port, start_mvtui, start_sim
 
 TIMING = TimingConfig(metrics_interval=0.1, health_check_interval=0.5, drain_timeout=10, wake_timeout=30, shutdown_timeout=3)

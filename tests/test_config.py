@@ -13,19 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mvtui.config import (
-    AdminConfig,
-    Config,
-    ConfigError,
-    InstanceConfig,
-    RouterConfig,
-    ServerConfig,
-    TimingConfig,
-    UiConfig,
-    parse_config,
-)
-from mvtui.config_edit import (
-    ConfigEditError,
+from mvtui.config.edit import (
     add_server,
     apply_edit,
     edited_text,
@@ -34,6 +22,17 @@ from mvtui.config_edit import (
     unset_server_value,
     write_atomic,
 )
+from mvtui.config.schema import (
+    AdminConfig,
+    Config,
+    InstanceConfig,
+    RouterConfig,
+    ServerConfig,
+    TimingConfig,
+    UiConfig,
+    parse_config,
+)
+from mvtui.errors import ConfigEditError, ConfigError
 from tests.helpers import REPO_ROOT
 
 # mvllm's servers.example.toml as published (xerrors/mvllm), comments included.

@@ -17,19 +17,18 @@ from typing import Any, AsyncIterator, Callable
 import aiohttp
 import openai
 import pytest
-
 from aiohttp import web
 
-from mvtui import commands
-from mvtui.cluster import Cluster
-from mvtui.commands import CommandError
-from mvtui.control import Controller
-from mvtui.poller import Poller
-from mvtui.config import AdminConfig, Config, RouterConfig, ServerConfig, TimingConfig
+from mvtui.cluster.poller import Poller
+from mvtui.cluster.sleep_wake import Controller
+from mvtui.cluster.state import Cluster
+from mvtui.config.schema import AdminConfig, Config, RouterConfig, ServerConfig, TimingConfig
+from mvtui.control import commands
+from mvtui.errors import CommandError
 from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
-from mvtui.services import Services
-from tests.helpers import eventually, free_port, Proc, REPO_ROOT, start_mvtui, start_sim
+from mvtui.runtime.wiring import Services
+from tests.helpers import REPO_ROOT, Proc, eventually, free_port, start_mvtui, start_sim
 
 DEV_MODE = {"VLLM_SERVER_DEV_MODE": "1"}
 FAST = ["--tokens-per-s", "200", "--ttft-ms", "5", "--sleep-requests", "hang"]

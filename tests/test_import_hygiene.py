@@ -34,7 +34,7 @@ def import_in_subprocess(*extra: str) -> dict[str, list[str]]:
 
 def test_core_modules_import_without_textual() -> None:
     found = import_in_subprocess()
-    assert {"mvtui.cli", "mvtui.cluster", "mvtui.services", "mvtui.headless", "mvtui.gpu", "mvtui.proxy"} <= set(found["imported"])
+    assert {"mvtui.cli", "mvtui.cluster.state", "mvtui.runtime.wiring", "mvtui.runtime.headless", "mvtui.gpu", "mvtui.router.proxy"} <= set(found["imported"])
     assert found["textual"] == [], f"a core module imported Textual: {found['textual'][:5]}"
 
 

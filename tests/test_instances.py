@@ -18,15 +18,15 @@ import aiohttp
 import openai
 import pytest
 
-from mvtui import commands
-from mvtui.commands import CommandError
-from mvtui.config import AdminConfig, Config, InstanceConfig, RouterConfig, TimingConfig, parse_config
+from mvtui.config.schema import AdminConfig, Config, InstanceConfig, RouterConfig, TimingConfig, parse_config
+from mvtui.control import commands
+from mvtui.errors import CommandError
 from mvtui.gpu import GpuProbe
-from mvtui.instances import Instance, InstanceManager
+from mvtui.instances.manager import Instance, InstanceManager
+from mvtui.instances.processes import RotatingLog, instance_command, instance_env, log_file_name
 from mvtui.paths import AppPaths
-from mvtui.processes import RotatingLog, instance_command, instance_env, log_file_name
-from mvtui.services import Services
-from tests.helpers import eventually, free_port, Proc, REPO_ROOT, start_mvtui
+from mvtui.runtime.wiring import Services
+from tests.helpers import REPO_ROOT, Proc, eventually, free_port, start_mvtui
 
 GIB = 1024**3
 TIMING = TimingConfig(metrics_interval=0.1, health_check_interval=0.5, drain_timeout=10, wake_timeout=30, shutdown_timeout=3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from mvtui.vllm import parse_metrics
+from mvtui.cluster.vllm import parse_metrics
 
 NEW_PAGE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

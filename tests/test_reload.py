@@ -16,13 +16,13 @@ import aiohttp
 import openai
 import pytest
 
-from mvtui.cluster import ClusterEvent
-from mvtui.commands import CommandError
-from mvtui.config import Config, ServerConfig, load_config
-from mvtui.config_commands import add_server, remove_server, set_capacity, set_drain
+from mvtui.cluster.state import ClusterEvent
+from mvtui.config.schema import Config, ServerConfig, load_config
+from mvtui.config.watch import FileWatcher
+from mvtui.control.config_commands import add_server, remove_server, set_capacity, set_drain
+from mvtui.errors import CommandError
 from mvtui.paths import AppPaths
-from mvtui.services import Services
-from mvtui.watcher import FileWatcher
+from mvtui.runtime.wiring import Services
 from tests import http
 from tests.helpers import Proc, eventually, free_port, start_mvtui, start_sim, wait_until
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from mvtui.routing import POLICIES, Chooser, balanced, balanced_score, least_loaded, power_of_two, round_robin
+from mvtui.routing.policies import POLICIES, Chooser, balanced, balanced_score, least_loaded, power_of_two, round_robin
 
 
 @dataclass
@@ -95,6 +95,6 @@ def test_routing_imports_neither_aiohttp_nor_textual() -> None:
     import subprocess
     import sys
 
-    code = "import sys, mvtui.routing; print(any(m.split('.')[0] in ('aiohttp', 'textual') for m in sys.modules))"
+    code = "import sys, mvtui.routing.policies; print(any(m.split('.')[0] in ('aiohttp', 'textual') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import aiohttp
 
-from mvtui.config import AdminConfig, Config, RouterConfig, ServerConfig, TimingConfig
+from mvtui.config.schema import AdminConfig, Config, RouterConfig, ServerConfig, TimingConfig
 from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
-from mvtui.services import Services
-from mvtui.sim import SimConfig, SimServer
+from mvtui.runtime.wiring import Services
+from mvtui.sim.config import SimConfig
+from mvtui.sim.server import SimServer
 from tests.helpers import eventually
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

@@ -14,8 +14,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mvtui.sim.config import SimConfig
+from mvtui.sim.server import SimServer
 from tests.helpers import Proc, free_port, start_sim, wait_until_answering
-from mvtui.sim import SimConfig, SimServer
 
 FAST = {"tokens_per_s": 200.0, "ttft_ms": 5.0}
 MakeSim = Callable[..., Awaitable[SimServer]]

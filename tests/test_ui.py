@@ -17,17 +17,18 @@ import pytest
 from rich.console import Console
 from textual.widget import Widget
 
-from mvtui.cluster import Server
-from mvtui.config import load_config
+from mvtui.cluster.state import Server
+from mvtui.config.schema import load_config
 from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
-from mvtui.services import Services
-from mvtui.sim import SimConfig, SimServer
+from mvtui.runtime.wiring import Services
+from mvtui.sim.config import SimConfig
+from mvtui.sim.server import SimServer
 from mvtui.ui import panels, themes
 from mvtui.ui.app import Dashboard, create_app
 from mvtui.ui.screens import HelpScreen, InstanceLogScreen, SleepScreen
 from mvtui.ui.widgets import EventsPane, GpuPane, RequestsPane, ServerPane
-from tests.helpers import free_port, eventually
+from tests.helpers import eventually, free_port
 from tests.ui_frozen import FakeNvml, frozen_factory, frozen_services, tmp_paths, two_gpus
 
 MODEL = "m"

@@ -10,11 +10,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import AsyncIterator, Callable
 
-from mvtui.cluster import ClusterEvent, EngineMetrics, RequestRecord
-from mvtui.config import Config, RouterConfig, ServerConfig
+from mvtui.cluster.state import ClusterEvent, EngineMetrics, RequestRecord
+from mvtui.config.schema import Config, RouterConfig, ServerConfig
 from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
-from mvtui.services import Services
+from mvtui.runtime.wiring import Services
 
 FROZEN_AT = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
 GIB = 1024**3

@@ -15,7 +15,8 @@ import enum
 import heapq
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from mvtui.sim.config import SimConfig

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mvtui.errors import sse_error_event
+from mvtui.openai_errors import sse_error_event
 from mvtui.sim import text
 from mvtui.sim.config import SimConfig
 from mvtui.sim.engine import Sequence

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from mvtui.errors import error_response
+from mvtui.openai_errors import error_response
 from mvtui.sim.config import SimConfig
 from mvtui.sim.engine import Engine
 from mvtui.sim.metrics import EngineMetrics, LiveGauges

@@ -9,7 +9,7 @@ from types import TracebackType
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mvtui.errors import error_response
+from mvtui.openai_errors import error_response
 from mvtui.sim.admin import AdminRoutes
 from mvtui.sim.config import SimConfig
 from mvtui.sim.generation import GenerationRoutes

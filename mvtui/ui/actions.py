@@ -1,6 +1,6 @@
 """What the dashboard's keys do, as calls to the core's commands, and when each applies.
 
-The UI never speaks HTTP: every action goes through `mvtui.commands` (drain, sleep, wake,
+The UI never speaks HTTP: every action goes through `mvtui.control.commands` (drain, sleep, wake,
 start and stop of local instances) or `Services.reload_config`, the same entry points as
 the admin API and the CLI.
 """
@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from mvtui import commands, config_commands
-from mvtui.cluster import Server
+from mvtui.cluster.sleep_wake import Controller
+from mvtui.cluster.state import Server
+from mvtui.control import commands, config_commands
 from mvtui.gpu import Gpu
-from mvtui.control import Controller
-from mvtui.instances import Instance, InstanceManager
-from mvtui.services import Services
+from mvtui.instances.manager import Instance, InstanceManager
+from mvtui.runtime.wiring import Services
 
 # Keys that need nothing from the core.
 ALWAYS = frozenset({"quit", "help", "cycle_theme", "filter", "select", "toggle_requests"})

@@ -18,18 +18,18 @@ from typing import Any, Callable, Sequence
 from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.color import Color
 from textual.containers import Grid, Horizontal
 from textual.events import Key
-from textual.color import Color
 from textual.markup import escape
 from textual.widgets import Input, Static
 
-from mvtui import commands
-from mvtui.cluster import ClusterEvent, ClusterSummary, RequestRecord, Server
+from mvtui.cluster.state import ClusterEvent, ClusterSummary, RequestRecord, Server
+from mvtui.control import commands
 from mvtui.gpu import Gpu, GpuSampler
-from mvtui.headless import loop_factory
 from mvtui.paths import AppPaths
-from mvtui.services import Services
+from mvtui.runtime.headless import loop_factory
+from mvtui.runtime.wiring import Services
 from mvtui.ui import panels, themes
 from mvtui.ui.actions import ALWAYS, CoreActions
 from mvtui.ui.screens import AddServerScreen, ConfirmScreen, HelpScreen, InstanceLogScreen, SleepScreen, help_text

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from rich.text import Text
 
-from mvtui.cluster import ClusterEvent, ClusterSummary, RequestRecord, Server
+from mvtui.cluster.state import ClusterEvent, ClusterSummary, RequestRecord, Server
 from mvtui.gpu import Gpu, GpuSnapshot
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.screen import ModalScreen
 from textual.markup import escape
-from textual import on
+from textual.screen import ModalScreen
 from textual.widgets import Input, Log, Static
 
 from mvtui.ui import panels

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from rich.text import Text
 from textual.widget import Widget
 
-from mvtui.cluster import ClusterEvent, RequestRecord, Server
+from mvtui.cluster.state import ClusterEvent, RequestRecord, Server
 from mvtui.gpu import GpuSnapshot
 from mvtui.ui import panels
 from mvtui.ui.panels import Owners, Palette

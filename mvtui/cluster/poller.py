@@ -12,23 +12,13 @@ from typing import Callable
 
 import aiohttp
 
-from mvtui.cluster import Cluster, Server
-from mvtui.config import TimingConfig
-from mvtui.telemetry import RouterMetrics
-from mvtui.vllm import SLEEP_LEVEL_BY_STATE, VllmClient, VllmError, parse_metrics
+from mvtui.cluster.state import Cluster, Server
+from mvtui.cluster.vllm import SLEEP_LEVEL_BY_STATE, VllmClient, parse_metrics
+from mvtui.config.schema import TimingConfig
+from mvtui.errors import CONNECTION_ERRORS, VllmError, describe_error
+from mvtui.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
-
-CONNECTION_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError)
-
-
-def describe_error(error: BaseException) -> str:
-    if isinstance(error, asyncio.TimeoutError):
-        return "timed out"
-    if isinstance(error, aiohttp.ClientConnectorError):
-        return f"cannot connect: {error.os_error.strerror or error.os_error}" if error.os_error else "cannot connect"
-    return str(error) or type(error).__name__
-
 
 class Poller:
     def __init__(

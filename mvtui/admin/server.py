@@ -1,6 +1,6 @@
 """The admin HTTP API: a separate aiohttp site, on loopback unless configured, behind a token.
 
-It lists servers and instances and runs the operator's commands (mvtui.commands) for the
+It lists servers and instances and runs the operator's commands (mvtui.control.commands) for the
 `mvtui ps/start/stop/sleep/wake/drain/undrain` CLI. Its address and token are written to
 AppPaths.admin_file (mode 0600) while it runs, so the CLI on the same machine finds it.
 """
@@ -21,18 +21,18 @@ import aiohttp
 import tomlkit
 from aiohttp import web
 
-from mvtui import __version__, commands, config_commands
-from mvtui.cluster import Server
-from mvtui.commands import CommandError
-from mvtui.config import ConfigError, InstanceConfig, parse_config
-from mvtui.errors import error_response
-from mvtui.instances import Instance, InstanceManager
-from mvtui.poller import CONNECTION_ERRORS, describe_error
-from mvtui.proxy import GENERATION_PATHS, forward_headers, response_headers
-from mvtui.status import server_status
+from mvtui import __version__
+from mvtui.cluster.state import Server
+from mvtui.config.schema import InstanceConfig, parse_config
+from mvtui.control import commands, config_commands
+from mvtui.errors import CONNECTION_ERRORS, CommandError, ConfigError, describe_error
+from mvtui.instances.manager import Instance, InstanceManager
+from mvtui.openai_errors import error_response
+from mvtui.router.endpoints import server_status
+from mvtui.router.proxy import GENERATION_PATHS, forward_headers, response_headers
 
 if TYPE_CHECKING:
-    from mvtui.services import Services
+    from mvtui.runtime.wiring import Services
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from mvtui.cluster import Cluster, Health, RequestRecord, Server
-from mvtui.config import Config
-from mvtui.errors import error_response, sse_error_event
-from mvtui.poller import CONNECTION_ERRORS, describe_error
-from mvtui.routing import Chooser
-from mvtui.telemetry import RouterMetrics
+from mvtui.cluster.state import Cluster, Health, RequestRecord, Server
+from mvtui.config.schema import Config
+from mvtui.errors import CONNECTION_ERRORS, describe_error
+from mvtui.openai_errors import error_response, sse_error_event
+from mvtui.router.metrics import RouterMetrics
+from mvtui.routing.policies import Chooser
 
 GENERATION_PATHS = (
     "/v1/chat/completions",

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mvtui.cluster import Cluster, Server
+from mvtui.cluster.state import Cluster, Server
+from mvtui.errors import CommandError
 
 if TYPE_CHECKING:  # both import this module: only the type checker may import them here
-    from mvtui.control import Controller
-    from mvtui.instances import Instance, InstanceManager
-
-
-class CommandError(Exception):
-    """A command that cannot be carried out; the message is for the operator."""
+    from mvtui.cluster.sleep_wake import Controller
+    from mvtui.instances.manager import Instance, InstanceManager
 
 
 def find_server(cluster: Cluster, key: str) -> Server:

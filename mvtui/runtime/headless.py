@@ -9,8 +9,8 @@ import signal
 from contextlib import AbstractAsyncContextManager
 from typing import Callable
 
-from mvtui.cluster import ClusterEvent
-from mvtui.services import Services
+from mvtui.cluster.state import ClusterEvent
+from mvtui.runtime.wiring import Services
 
 log = logging.getLogger("mvtui")
 

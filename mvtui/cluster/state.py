@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from statistics import median
 from typing import Callable, Iterable, Iterator
 
-from mvtui.config import ServerConfig, TimingConfig
+from mvtui.config.schema import ServerConfig, TimingConfig
 
 Clock = Callable[[], float]
 

@@ -13,10 +13,11 @@ from typing import AsyncIterator
 
 import aiohttp
 
-from mvtui.config import Config, ServerConfig
+from mvtui.config.schema import Config, ServerConfig
 from mvtui.paths import AppPaths
-from mvtui.services import Services
-from mvtui.sim import SimConfig, SimServer
+from mvtui.runtime.wiring import Services
+from mvtui.sim.config import SimConfig
+from mvtui.sim.server import SimServer
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from mvtui.cluster import Cluster, Server
+from mvtui.cluster.state import Cluster, Server
 
 
 def server_status(server: Server) -> dict[str, Any]:

@@ -23,16 +23,13 @@ import tomlkit
 from tomlkit.items import AoT, Array, InlineTable, Table, Whitespace
 from tomlkit.toml_document import TOMLDocument
 
-from mvtui.config import Config, ConfigError, ServerConfig, normalize_url, parse_config
+from mvtui.config.schema import Config, ServerConfig, normalize_url, parse_config
+from mvtui.errors import ConfigEditError, ConfigError
 
 Change = Callable[[TOMLDocument], None]
 Entries = Array | AoT
 
 ATTEMPTS = 3  # tries when someone else writes the file while we edit it
-
-
-class ConfigEditError(Exception):
-    """An edit that was not made; the message is for the operator. The file is untouched."""
 
 
 @dataclass(frozen=True)

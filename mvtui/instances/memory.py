@@ -8,13 +8,13 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 
-from mvtui.cluster import Server
-from mvtui.commands import CommandError
+from mvtui.cluster.state import Server
+from mvtui.errors import CommandError
 from mvtui.gpu import GpuProbe, GpuSnapshot
-from mvtui.processes import instance_devices
+from mvtui.instances.processes import instance_devices
 
 if TYPE_CHECKING:
-    from mvtui.instances import Instance
+    from mvtui.instances.manager import Instance
 
 log = logging.getLogger(__name__)
 

@@ -26,15 +26,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import aiohttp
 
-from mvtui.cluster import Cluster, EngineMetrics, Server
-from mvtui.commands import CommandError
-from mvtui.config import InstanceConfig, ServerConfig, TimingConfig
-from mvtui.control import Controller
+from mvtui.cluster.sleep_wake import Controller
+from mvtui.cluster.state import Cluster, EngineMetrics, Server
+from mvtui.cluster.vllm import VllmClient
+from mvtui.config.schema import InstanceConfig, ServerConfig, TimingConfig
+from mvtui.errors import CONNECTION_ERRORS, CommandError, VllmError
 from mvtui.gpu import GpuProbe
-from mvtui.gpu_memory import MemoryPlanner
-from mvtui.paths import AppPaths
-from mvtui.poller import CONNECTION_ERRORS
-from mvtui.processes import (
+from mvtui.instances.memory import MemoryPlanner
+from mvtui.instances.processes import (
     HOST,
     LOG_MAX_BYTES,
     RotatingLog,
@@ -48,7 +47,7 @@ from mvtui.processes import (
     port_is_free,
     signal_group,
 )
-from mvtui.vllm import VllmClient, VllmError
+from mvtui.paths import AppPaths
 
 log = logging.getLogger(__name__)
 

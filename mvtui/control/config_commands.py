@@ -15,21 +15,16 @@ from typing import TYPE_CHECKING, Sequence
 
 import tomlkit
 
-from mvtui.cluster import Server
-from mvtui.commands import CommandError, drain, find_server, undrain
-from mvtui.config import Config, ConfigError, ServerConfig, normalize_url, parse_config
-from mvtui.config_edit import (
-    Change,
-    ConfigEditError,
-    add_server as add_server_entry,
-    remove_server as remove_server_entry,
-    server_values,
-    set_server_value,
-    unset_server_value,
-)
+from mvtui.cluster.state import Server
+from mvtui.config.edit import Change, server_values, set_server_value, unset_server_value
+from mvtui.config.edit import add_server as add_server_entry
+from mvtui.config.edit import remove_server as remove_server_entry
+from mvtui.config.schema import Config, ServerConfig, normalize_url, parse_config
+from mvtui.control.commands import drain, find_server, undrain
+from mvtui.errors import CommandError, ConfigEditError, ConfigError
 
 if TYPE_CHECKING:
-    from mvtui.services import Services
+    from mvtui.runtime.wiring import Services
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping
 
-from mvtui.config import InstanceConfig
+from mvtui.config.schema import InstanceConfig
 
 HOST = "127.0.0.1"  # dev-mode endpoints are unauthenticated: managed instances stay on loopback
 LOG_MAX_BYTES = 16 * 1024 * 1024

@@ -14,12 +14,12 @@ from typing import Awaitable, Callable
 
 import aiohttp
 
-from mvtui.cluster import Cluster, Server
-from mvtui.commands import CommandError, find_server
-from mvtui.config import TimingConfig
-from mvtui.poller import CONNECTION_ERRORS, describe_error
-from mvtui.proxy import ProxyError
-from mvtui.vllm import SLEEP_LEVEL_BY_STATE, VllmClient, VllmError, parse_metrics
+from mvtui.cluster.state import Cluster, Server
+from mvtui.cluster.vllm import SLEEP_LEVEL_BY_STATE, VllmClient, parse_metrics
+from mvtui.config.schema import TimingConfig
+from mvtui.control.commands import find_server
+from mvtui.errors import CONNECTION_ERRORS, CommandError, VllmError, describe_error
+from mvtui.router.proxy import ProxyError
 
 log = logging.getLogger(__name__)
 

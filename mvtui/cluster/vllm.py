@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from mvtui.cluster import EngineMetrics
+from mvtui.cluster.state import EngineMetrics
+from mvtui.errors import VllmError
 
 # Exact names only: a prefix match would count `num_requests_waiting_by_reason` as waiting.
 _FIELD_BY_METRIC = {
@@ -125,14 +126,6 @@ def _to_metrics(sums: _Sums, now: float) -> EngineMetrics:
 
 
 SLEEP_LEVEL_BY_STATE = {"awake": 0, "weights_offloaded": 1, "discard_all": 2}
-
-
-class VllmError(Exception):
-    """A control call answered with an error status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        super().__init__(message)
 
 
 class VllmClient:

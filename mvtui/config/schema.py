@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import tomlkit
 from tomlkit.exceptions import ParseError
 
+from mvtui.errors import ConfigError, Problem
+
 POLICIES = ("balanced", "least_loaded", "round_robin", "power_of_two")
 IDLE_ACTIONS = ("sleep1", "sleep2", "stop")
 
@@ -108,32 +110,6 @@ class Config:
     ui: UiConfig = field(default_factory=UiConfig)
     servers: tuple[ServerConfig, ...] = ()
     instances: tuple[InstanceConfig, ...] = ()
-
-
-@dataclass(frozen=True)
-class Problem:
-    where: str
-    message: str
-    line: int | None = None
-    column: int | None = None
-
-    def __str__(self) -> str:
-        at = f"line {self.line}, column {self.column}: " if self.line else ""
-        return f"{at}{self.where}: {self.message}"
-
-
-class ConfigError(Exception):
-    def __init__(self, path: Path | str | None, problems: list[Problem]) -> None:
-        self.path = Path(path) if path else None
-        self.problems = problems
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        head = f"{self.path}: " if self.path else ""
-        count = len(self.problems)
-        lines = [f"{head}{count} problem{'s' if count != 1 else ''} in the config"]
-        lines += [f"  - {problem}" for problem in self.problems]
-        return "\n".join(lines)
 
 
 def server_name_from_url(url: str) -> str:

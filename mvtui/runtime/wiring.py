@@ -17,19 +17,20 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from mvtui.admin import AdminServer
-from mvtui.cluster import Clock, Cluster
-from mvtui.config import Config, ConfigError
-from mvtui.control import Controller
+from mvtui.admin.server import AdminServer
+from mvtui.cluster.poller import Poller
+from mvtui.cluster.sleep_wake import Controller
+from mvtui.cluster.state import Clock, Cluster
+from mvtui.config.schema import Config
+from mvtui.control.reloader import ConfigReloader
+from mvtui.errors import ConfigError
 from mvtui.gpu import GpuProbe
-from mvtui.instances import InstanceManager
+from mvtui.instances.manager import InstanceManager
 from mvtui.paths import AppPaths
-from mvtui.poller import Poller
-from mvtui.proxy import Proxy
-from mvtui.reloader import ConfigReloader
-from mvtui.routing import Chooser
-from mvtui.status import StatusEndpoints
-from mvtui.telemetry import RouterMetrics
+from mvtui.router.endpoints import StatusEndpoints
+from mvtui.router.metrics import RouterMetrics
+from mvtui.router.proxy import Proxy
+from mvtui.routing.policies import Chooser
 
 log = logging.getLogger(__name__)
 

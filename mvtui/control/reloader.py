@@ -17,12 +17,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mvtui.config import Config, ConfigError, Problem, parse_config
-from mvtui.config_edit import Change, EditResult, edit_file
-from mvtui.watcher import FileWatcher
+from mvtui.config.edit import Change, EditResult, edit_file
+from mvtui.config.schema import Config, parse_config
+from mvtui.config.watch import FileWatcher
+from mvtui.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
-    from mvtui.services import Services
+    from mvtui.runtime.wiring import Services
 
 log = logging.getLogger(__name__)
 
