@@ -1,4 +1,5 @@
-"""Command line: `mvtui` (dashboard), `mvtui --no-ui` (headless), `mvtui --demo`, `mvtui sim`.
+"""Command line: `mvtui` (dashboard), `mvtui --no-ui` (headless), `mvtui --demo`, `mvtui sim`,
+`mvtui init` (a starter config).
 
 The UI is imported only when it is about to run, so the headless paths never load Textual.
 """
@@ -16,6 +17,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from mvtui import __version__
 from mvtui.config.schema import Config, RouterConfig, load_config
+from mvtui.config.starter import add_init_command, example_file, run_init
 from mvtui.errors import ConfigError
 from mvtui.paths import AppPaths
 from mvtui.runtime.wiring import Services
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mvtui.admin.client import add_admin_commands
 
     add_admin_commands(commands)
+    add_init_command(commands)
     return parser
 
 
@@ -51,7 +54,9 @@ def load_startup_config(args: argparse.Namespace, paths: AppPaths) -> tuple[Conf
     elif args.config:
         raise ConfigError(path, [])
     else:
-        logging.getLogger("mvtui").info("no config at %s: starting with no servers (see servers.example.toml)", path)
+        logging.getLogger("mvtui").info(
+            "no config at %s: starting with no servers (`mvtui init` writes a starter config; every option: %s)", path, example_file()
+        )
         config = Config()
     return with_overrides(config, args), path
 
@@ -107,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command in ADMIN_COMMANDS:  # talks to a running mvtui: no config, no logging setup
         return run_admin_command(args, AppPaths.default())
+    if args.command == "init":  # writes a starter config: no config read, no logging setup
+        return run_init(args, AppPaths.default())
     paths = AppPaths.default()
     configure_logging(args.verbose, None if args.no_ui else paths.log_dir / "mvtui.log")
     try:
@@ -118,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mvtui.runtime.headless import serve_headless
 
         return serve_headless(factory)
+    from mvtui.event_loop import loop_factory
     from mvtui.ui.app import run_dashboard
 
-    return run_dashboard(factory, paths)
+    return run_dashboard(factory, paths, loop_factory())

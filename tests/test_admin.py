@@ -190,12 +190,12 @@ async def test_cli_drives_a_running_mvtui(tmp_path: Path, procs: list[Proc]) -> 
     assert Path(f"/proc/{pid}").exists()
     assert f"router         {mvtui.url}" in await cli(["info"], state)
 
-    assert (await cli(["drain", "gpu-a"], state)).strip() == "gpu-a drained"
+    assert (await cli(["drain", "gpu-a"], state)).strip() == "gpu-a: draining, 0 in flight (until restart) [drained]"
     async with aiohttp.ClientSession() as session:
         async with session.get(mvtui.url + "/load-stats") as response:
             shown = {server["name"]: server for server in (await response.json())["servers"]}
     assert shown["gpu-a"]["draining"] and shown["gpu-a"]["state"] == "drained"
-    assert (await cli(["undrain", "gpu-a"], state)).strip() == "gpu-a up"
+    assert (await cli(["undrain", "gpu-a"], state)).strip() == "gpu-a: taking requests again (until restart) [up]"
     assert (await cli(["sleep", "gpu-a", "--level", "2"], state)).strip() == "gpu-a sleeping L2"
     assert (await cli(["wake", "gpu-a"], state)).strip() == "gpu-a up"
     assert "no server named 'nope'" in await cli(["sleep", "nope"], state, code=1)
@@ -229,7 +229,14 @@ async def test_cli_edits_servers_and_the_config_file_keeps_its_comments(tmp_path
     procs.append(mvtui)
 
     assert "added" in await cli(["add-server", second.url, "--capacity", "6", "--name", "gpu-b"], state)
-    assert "capacity 4 -> 2" in await cli(["set-capacity", "gpu-a", "2"], state)
+    assert "capacity 4 -> 3 (until restart)" in await cli(["set-capacity", "gpu-a", "3"], state)
+    assert "drain" not in config.read_text() and "max_concurrent_requests = 4" in config.read_text()  # live only
+    assert "capacity 3 -> 2 (saved to" in await cli(["set-capacity", "gpu-a", "2", "--persist"], state)
+    assert "gpu-a: draining" in await cli(["drain", "gpu-a"], state)
+    assert "drain" not in config.read_text()
+    assert "saved drained" in await cli(["save", "gpu-a"], state)
+    assert "drain = true" in config.read_text()
+    assert "taking requests again (saved to" in await cli(["undrain", "gpu-a", "--persist"], state)
     text = config.read_text()
     assert text.startswith("# the team's cluster\n") and "# rack 1" in text and "# fast for tests" in text
     assert "max_concurrent_requests = 2" in text and second.url in text and 'name = "gpu-b"' in text
@@ -239,7 +246,7 @@ async def test_cli_edits_servers_and_the_config_file_keeps_its_comments(tmp_path
         return {server["name"]: server["state"] for server in listing["servers"]} == {"gpu-a": "up", "gpu-b": "up"}
 
     await until_true(both_up)
-    assert "removing gpu-b" in await cli(["remove-server", "gpu-b"], state)
+    assert "removing gpu-b" in await cli(["remove-server", "gpu-b", "--persist"], state)
     assert second.url not in config.read_text()
     assert config.read_text() == original.replace("max_concurrent_requests = 4", "max_concurrent_requests = 2")
     assert "is already in the cluster" in await cli(["add-server", first.url], state, code=1)

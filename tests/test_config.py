@@ -32,6 +32,7 @@ from mvtui.config.schema import (
     UiConfig,
     parse_config,
 )
+from mvtui.config.starter import example_file
 from mvtui.errors import ConfigEditError, ConfigError
 from tests.helpers import REPO_ROOT
 
@@ -204,7 +205,7 @@ def test_the_config_file_can_come_from_the_environment(tmp_path: Path) -> None:
 
 # --- the documented example ---------------------------------------------------------------------
 
-EXAMPLE = REPO_ROOT / "servers.example.toml"
+EXAMPLE = example_file()  # mvtui/config/servers.example.toml, shipped in the package
 OPTION_LINE = re.compile(r"(?m)^# (\[\[?[a-z_.]+\]\]?|[a-z_]+ = .+)$")
 
 

@@ -23,7 +23,6 @@ from mvtui.cluster.poller import Poller
 from mvtui.cluster.sleep_wake import Controller
 from mvtui.cluster.state import Cluster
 from mvtui.config.schema import AdminConfig, Config, RouterConfig, ServerConfig, TimingConfig
-from mvtui.control import commands
 from mvtui.errors import CommandError
 from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
@@ -100,7 +99,7 @@ async def test_sleep_drains_first_then_sleeps_and_shows_state(tmp_path: Path, pr
         openai_client = make_client(services.router_url)
         streams = [asyncio.create_task(streamed_chat(openai_client, "m", 60)) for _ in range(4)]
         await eventually(lambda: server.in_flight == 4, what="4 requests in flight")
-        sleeping = asyncio.create_task(commands.sleep(services.control, "s0", 1))
+        sleeping = asyncio.create_task(services.operator.sleep("s0", 1))
         await eventually(lambda: server.sleep_pending, what="sleep to start draining")
         async with aiohttp.ClientSession() as session:
             async with session.get(services.router_url + "/load-stats") as response:
@@ -120,9 +119,9 @@ async def test_sleep_drains_first_then_sleeps_and_shows_state(tmp_path: Path, pr
 async def test_level_two_wake_reloads_weights_and_resets_prefix_cache(tmp_path: Path, procs: list[Proc]) -> None:
     sim = await sim_process(procs)
     async with core(tmp_path, sim) as services:
-        await commands.sleep(services.control, "s0", 2)
+        await services.operator.sleep("s0", 2)
         assert (await sim_state(sim))["weights_loaded"] is False
-        await commands.wake(services.control, "s0")
+        await services.operator.wake("s0")
         state = await sim_state(sim)
         assert not state["sleeping"] and state["weights_loaded"] and not state["prefix_cache_reset_needed"]
         assert state["wake_count"] == 1
@@ -137,10 +136,10 @@ async def test_server_without_sleep_mode_gets_a_clear_error_and_keeps_its_state(
     async with core(tmp_path, sim) as services:
         server = services.cluster.find("s0")
         with pytest.raises(CommandError, match="no sleep mode"):
-            await commands.sleep(services.control, "s0", 1)
+            await services.operator.sleep("s0", 1)
         assert server.routable and server.state == "up" and not server.drain
         with pytest.raises(CommandError, match="level must be 1 or 2"):
-            await commands.sleep(services.control, "s0", 3)
+            await services.operator.sleep("s0", 3)
         async with client(services.router_url) as openai_client:
             assert await streamed_chat(openai_client, "m", 3) == 3
 
@@ -161,7 +160,7 @@ async def test_no_request_reaches_a_sleeping_server_while_it_sleeps_and_wakes_un
         workers = [asyncio.create_task(worker()) for _ in range(6)]
         for level in (1, 2, 1):
             await eventually(lambda: len(done) > 10, what="traffic")  # noqa: B023
-            await commands.sleep(services.control, "s0", level)  # the next requests wake it again
+            await services.operator.sleep("s0", level)  # the next requests wake it again
             done.clear()
         await eventually(lambda: len(done) > 10, what="traffic after the last wake")
         stop.set()
@@ -180,7 +179,7 @@ async def test_every_waiter_and_the_operator_share_one_wake(
     async with core(tmp_path, sim) as services:
         control = services.control
         assert control is not None
-        await commands.sleep(control, "s0", 1)
+        await control.sleep("s0", 1)
         wakes: list[str] = []
         wake = control._wake
 
@@ -194,7 +193,7 @@ async def test_every_waiter_and_the_operator_share_one_wake(
             asyncio.create_task(openai_client.chat.completions.create(model="m", messages=CHAT, max_tokens=2)) for _ in range(30)
         ]
         await eventually(lambda: services.cluster.find("s0").waking, what="the wake to begin")
-        await commands.wake(control, "s0")  # the operator's wake joins the one under way
+        await control.wake("s0")  # the operator's wake joins the one under way
         answers = await asyncio.gather(*requests)
         assert [answer.usage.completion_tokens for answer in answers] == [2] * 30
         assert wakes == ["s0"]
@@ -205,15 +204,15 @@ async def test_wake_on_demand_is_bounded_and_never_wakes_a_drained_server(tmp_pa
     sim = await sim_process(procs, extra=[*FAST, "--enable-sleep-mode", "--wake-ms-l1", "1500"])
     timing = TimingConfig(**{**TIMING.__dict__, "wake_timeout": 0.3})
     async with core(tmp_path, sim, timing=timing) as services:
-        await commands.sleep(services.control, "s0", 1)
-        commands.drain(services.cluster, "s0")
+        await services.operator.sleep("s0", 1)
+        await services.operator.drain("s0")
         async with aiohttp.ClientSession() as session:
             body = {"model": "m", "messages": CHAT, "max_tokens": 3}
             async with session.post(services.router_url + "/v1/chat/completions", json=body) as response:
                 assert response.status == 503 and "Retry-After" in response.headers
                 assert "drained" in (await response.json())["error"]["message"]
             assert (await sim_state(sim))["wake_count"] == 0
-            commands.undrain(services.cluster, "s0")
+            await services.operator.undrain("s0")
             async with session.post(services.router_url + "/v1/chat/completions", json=body) as response:
                 assert response.status == 503 and response.headers["Retry-After"].isdigit()  # the wake takes 1.5 s > 0.3 s
                 assert "waking" in (await response.json())["error"]["message"]
@@ -234,7 +233,7 @@ async def test_drain_under_load_loses_no_request(tmp_path: Path, procs: list[Pro
             results.append(asyncio.create_task(streamed_chat(openai_client, "m", 20)))
             if index == 15:
                 await eventually(lambda: drained.in_flight > 0, what="requests on s0")
-                commands.drain(services.cluster, "s0")
+                await services.operator.drain("s0")
                 assert drained.state == "draining"
             await asyncio.sleep(0.02)
         await eventually(lambda: drained.in_flight == 0, what="s0 to drain")
@@ -243,7 +242,7 @@ async def test_drain_under_load_loses_no_request(tmp_path: Path, procs: list[Pro
         assert [await result for result in results] == [20] * 40
         assert (await sim_state(first))["requests"] == sent_to_drained  # nothing new after the drain
         assert (await sim_state(second))["requests"] == 40 - sent_to_drained
-        commands.undrain(services.cluster, "s0")
+        await services.operator.undrain("s0")
         await asyncio.gather(*(streamed_chat(openai_client, "m", 3) for _ in range(8)))
         assert (await sim_state(first))["requests"] > sent_to_drained
 

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from mvtui.runtime.headless import loop_factory
+from mvtui.event_loop import loop_factory
 from tests.helpers import free_port, start_mvtui
 
 

@@ -19,7 +19,6 @@ import openai
 import pytest
 
 from mvtui.config.schema import AdminConfig, Config, InstanceConfig, RouterConfig, TimingConfig, parse_config
-from mvtui.control import commands
 from mvtui.errors import CommandError
 from mvtui.gpu import GpuProbe
 from mvtui.instances.manager import Instance, InstanceManager
@@ -263,7 +262,7 @@ async def test_an_instance_that_can_never_fit_says_so(tmp_path: Path) -> None:
         assert "cannot fit on GPU 0 even with every other instance asleep" in message and "7.0 GiB" in message
         assert manager(services).find("crowded").lifecycle == "error"
         with pytest.raises(CommandError, match="can never fit: it needs 15.0 GiB of GPU 0's 10.0 GiB"):
-            await commands.start_instance(manager(services), "huge")
+            await manager(services).start("huge")
         assert manager(services).find("huge").process is None  # nothing was launched
 
 
@@ -272,7 +271,7 @@ async def test_failed_start_is_an_error_with_the_log_tail_then_recovers(tmp_path
     async with core(tmp_path, broken) as services:
         instances = manager(services)
         with pytest.raises(CommandError, match="max_num_seqs must be >= 1"):
-            await commands.start_instance(instances, "flaky")
+            await instances.start("flaky")
         flaky = instances.find("flaky")
         assert flaky.lifecycle == "error" and "exited with code 2 during start-up" in flaky.error
         assert flaky.server.state == "error" and not flaky.server.routable
@@ -282,8 +281,8 @@ async def test_failed_start_is_an_error_with_the_log_tail_then_recovers(tmp_path
                 assert response.status == 503  # failed moments ago: not restarted by every request
                 assert "flaky failed: exited with code 2 during start-up" in (await response.json())["error"]["message"]
         fixed = dataclasses.replace(services.config, instances=(dataclasses.replace(broken, command=SIM),))
-        services.apply_config(fixed)
-        await commands.start_instance(instances, "flaky")  # the operator retries
+        services.live.adopt(fixed)
+        await instances.start("flaky")  # the operator retries
         assert flaky.lifecycle == "running" and flaky.error == ""
         await chat(services, "flaky")
 
@@ -295,7 +294,7 @@ async def test_config_reload_adds_removes_and_defers_changes_to_instances(tmp_pa
         await asyncio.gather(chat(services, "old"), chat(services, "kept"))
         old_pid, kept_pid = instances.find("old").pid, instances.find("kept").pid
         changed = dataclasses.replace(kept, max_concurrent_requests=3)
-        notes = services.apply_config(dataclasses.replace(services.config, instances=(changed, sim_instance("new"))))
+        notes = services.live.adopt(dataclasses.replace(services.config, instances=(changed, sim_instance("new"))))
         assert "instance old left the config: stopping it" in notes and "added instance new" in notes
         assert any(note.startswith("instance kept is running: new settings apply after it stops") for note in notes)
         await eventually(lambda: "old" not in instances.instances, what="old to be removed")
@@ -303,8 +302,8 @@ async def test_config_reload_adds_removes_and_defers_changes_to_instances(tmp_pa
         assert instances.find("new").lifecycle == "stopped"
         kept_now = instances.find("kept")
         assert kept_now.pid == kept_pid and kept_now.server.capacity == 8  # still the running process's settings
-        await commands.stop_instance(instances, "kept")
-        await commands.start_instance(instances, "kept")
+        await instances.stop("kept")
+        await instances.start("kept")
         assert kept_now.server.capacity == 3 and kept_now.pid != kept_pid
 
 
@@ -313,12 +312,12 @@ async def test_one_slow_start_does_not_block_another_instance(tmp_path: Path) ->
     quick = sim_instance("quick")
     async with core(tmp_path, slow, quick) as services:
         instances = manager(services)
-        slow_start = asyncio.create_task(commands.start_instance(instances, "slow"))
+        slow_start = asyncio.create_task(instances.start("slow"))
         await eventually(lambda: instances.find("slow").pid is not None, what="the slow start to launch")
-        await commands.start_instance(instances, "quick")
+        await instances.start("quick")
         assert instances.find("slow").lifecycle == "starting" and instances.find("quick").lifecycle == "running"
         pid = instances.find("slow").pid
-        await commands.stop_instance(instances, "slow")  # cancels the start, kills its group
+        await instances.stop("slow")  # cancels the start, kills its group
         with pytest.raises(asyncio.CancelledError):
             await slow_start
         assert instances.find("slow").lifecycle == "stopped" and group_members(pid) == []  # type: ignore[arg-type]
@@ -335,12 +334,12 @@ async def test_stop_sends_sigterm_to_the_whole_process_group(tmp_path: Path) -> 
     wrapped = ("sh", "-c", f'"{sys.executable}" -c "{worker}" & exec "$0" "$@"', *SIM)
     config = sim_instance("workers", command=wrapped)
     async with core(tmp_path, config) as services:
-        instance = await commands.start_instance(manager(services), "workers")
+        instance = await manager(services).start("workers")
         pid = instance.pid
         assert pid is not None
         await eventually(lambda: marker.exists() and marker.read_text() == "ready", what="the worker's signal handler")
         assert len(group_members(pid)) == 2
-        await commands.stop_instance(manager(services), "workers")
+        await manager(services).stop("workers")
         assert instance.lifecycle == "stopped" and group_members(pid) == []
         assert marker.read_text() == "SIGTERM"  # asked to stop, not killed
 
@@ -352,7 +351,7 @@ async def test_port_comes_from_the_range_when_one_is_taken(tmp_path: Path) -> No
         first = taken.getsockname()[1]
         config = dataclasses.replace(sim_instance("ranged"), port=0, port_range=(first, first + 20))
         async with core(tmp_path, config) as services:
-            instance = await commands.start_instance(manager(services), "ranged")
+            instance = await manager(services).start("ranged")
             assert first < instance.port <= first + 20
             await chat(services, "ranged")
 

@@ -19,7 +19,6 @@ import pytest
 from mvtui.cluster.state import ClusterEvent
 from mvtui.config.schema import Config, ServerConfig, load_config
 from mvtui.config.watch import FileWatcher
-from mvtui.control.config_commands import add_server, remove_server, set_capacity, set_drain
 from mvtui.errors import CommandError
 from mvtui.paths import AppPaths
 from mvtui.runtime.wiring import Services
@@ -163,7 +162,7 @@ async def test_a_broken_file_keeps_the_last_good_config_until_it_is_fixed(tmp_pa
         save_by_rename(path, text.replace("max_concurrent_requests = 4", "max_concurrent_requests = 6"))
         await eventually(lambda: services.config_error is None)
         assert services.cluster.servers[sim.url].capacity == 6
-        assert "max_concurrent_requests 4 -> 6" in kinds(events, "config")[-1].message
+        assert "capacity 4 -> 6" in kinds(events, "config")[-1].message
 
 
 async def test_a_capacity_edit_changes_one_value_and_causes_no_reload(tmp_path: Path, sim: Proc) -> None:
@@ -173,26 +172,26 @@ async def test_a_capacity_edit_changes_one_value_and_causes_no_reload(tmp_path: 
         await eventually(lambda: server.is_up)
         assert services.reloader is not None
         seen_before = services.reloader.watcher.changes_seen
-        change = await set_capacity(services, sim.url, 7)
+        change = await services.operator.set_capacity(sim.url, 7, persist=True)
         assert change.saved_to == path
         assert path.read_text() == text.replace("max_concurrent_requests = 4", "max_concurrent_requests = 7")
         assert server.capacity == 7 and services.cluster.servers[sim.url] is server
-        reloads, config_events = services.reloader.reloads, len(kinds(events, "config"))
+        reloads, config_events = services.live.reloads, len(kinds(events, "config"))
         await eventually(lambda: services.reloader.watcher.changes_seen > seen_before)  # it saw our write...
-        await services.reloader.reload()  # ...and a read of the same bytes again changes nothing
-        assert (services.reloader.reloads, len(kinds(events, "config"))) == (reloads, config_events)
+        await services.live.reload()  # ...and a read of the same bytes again changes nothing
+        assert (services.live.reloads, len(kinds(events, "config"))) == (reloads, config_events)
 
 
 async def test_a_saved_drain_survives_a_restart_and_undrain_restores_the_file(tmp_path: Path, sim: Proc) -> None:
     path, text = cluster_file(tmp_path, (sim.url, 4))
     async with core(path) as (services, _):
-        await set_drain(services, sim.url, True)
+        await services.operator.drain(sim.url, persist=True)
         assert services.cluster.servers[sim.url].drain
         assert path.read_text() == text.replace("max_concurrent_requests = 4 }", "max_concurrent_requests = 4, drain = true }")
     async with core(path) as (services, _):
         server = services.cluster.servers[sim.url]
         assert server.drain and not server.routable
-        await set_drain(services, server.name, False)
+        await services.operator.undrain(server.name, persist=True)
         assert not server.drain
     assert path.read_text() == text
 
@@ -200,15 +199,15 @@ async def test_a_saved_drain_survives_a_restart_and_undrain_restores_the_file(tm
 async def test_adding_and_removing_a_server_from_a_command(tmp_path: Path, sim: Proc) -> None:
     path, text = cluster_file(tmp_path, ("http://127.0.0.1:9", 2))
     async with core(path) as (services, events):
-        await add_server(services, sim.url + "/", max_concurrent_requests=3, name="fresh")
+        await services.operator.add_server(sim.url + "/", max_concurrent_requests=3, name="fresh")
         assert path.read_text() == text.replace(
             "  # keep this comment\n]", f'  # keep this comment\n    {{ url = "{sim.url}", max_concurrent_requests = 3, name = "fresh" }},\n]'
         )
         server = services.cluster.servers[sim.url]
         await eventually(lambda: server.routable)  # polled at once, joins when healthy
         with pytest.raises(CommandError, match="already"):
-            await add_server(services, sim.url)
-        await remove_server(services, "fresh")
+            await services.operator.add_server(sim.url)
+        await services.operator.remove_server("fresh", persist=True)
         assert path.read_text() == text
         await eventually(lambda: sim.url not in services.cluster.servers)
         assert [event.kind for event in events if event.server == "fresh"][-2:] == ["removing", "removed"]
@@ -221,9 +220,9 @@ async def test_edits_are_refused_while_the_file_is_broken(tmp_path: Path, sim: P
         save_by_rename(path, broken)
         await eventually(lambda: services.config_error is not None)
         with pytest.raises(CommandError, match="fix them first"):
-            await set_capacity(services, sim.url, 5)
+            await services.operator.set_capacity(sim.url, 5, persist=True)
         with pytest.raises(CommandError, match="capacity must be"):
-            await set_capacity(services, sim.url, 0)
+            await services.operator.set_capacity(sim.url, 0, persist=True)
         assert path.read_text() == broken
         assert services.cluster.servers[sim.url].capacity == 4
 
@@ -255,18 +254,18 @@ async def test_a_deleted_file_is_reported_and_a_new_one_applies(tmp_path: Path, 
 async def test_reload_now_reports_nothing_new_for_an_unchanged_file(tmp_path: Path, sim: Proc) -> None:
     path, _ = cluster_file(tmp_path, (sim.url, 4))
     async with core(path) as (services, events):
-        assert await services.reload_config() == []
+        assert await services.operator.reload() == []
         assert kinds(events, "config")[-1].message == "config file read: nothing to change"
 
 
 async def test_without_a_config_file_commands_change_the_cluster_only(tmp_path: Path, sim: Proc) -> None:
     services = Services(on_loopback(Config()), paths=scratch_paths(tmp_path))
     async with services:
-        change = await add_server(services, sim.url, max_concurrent_requests=2)
+        change = await services.operator.add_server(sim.url, max_concurrent_requests=2)
         assert change.saved_to is None and "not saved" in change.message
-        await set_capacity(services, sim.url, 5)
+        await services.operator.set_capacity(sim.url, 5)
         assert services.cluster.servers[sim.url].capacity == 5
-        assert await services.reload_config() == ["running without a config file: nothing to reload"]
+        assert await services.operator.reload() == ["running without a config file: nothing to reload"]
 
 
 # --- a real mvtui under load while its file changes twenty times -----------------------------
@@ -529,7 +528,7 @@ def test_twenty_config_changes_under_steady_load_lose_no_request(tmp_path: Path)
         assert sum(sim_stats(proc)["aborted"] for proc in sims) == 0
         log = log_of(router)
         # no crash in the parts a reload touches (the watcher's task would log "... stopped")
-        for part in ("reloader.py", "watcher.py", "config_edit.py", "config.py", "cluster.py", "poller.py", "stopped:"):
+        for part in ("mvtui/control/", "mvtui/config/", "mvtui/cluster/", "stopped:"):
             assert part not in log, log[log.index(part) - 2000 :][:3000]
         assert log.count("removed from the config; finishing requests in flight") == 2
     finally:
@@ -561,7 +560,7 @@ async def test_a_request_right_after_a_server_swap_waits_for_the_newcomer(tmp_pa
         async with core(path) as (services, _events):
             await eventually(lambda: services.cluster.servers[sim.url].is_up)
             swapped = dataclasses.replace(services.config, servers=(ServerConfig(url=other.url, max_concurrent_requests=4),))
-            services.apply_config(swapped)
+            services.live.adopt(swapped)
             assert not services.cluster.servers[other.url].models  # not polled yet: the request must wait for it
             body = {"model": "llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
             async with aiohttp.ClientSession() as session:

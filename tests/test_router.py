@@ -225,7 +225,7 @@ def test_client_api_keys_are_checked(tmp_path: Path) -> None:
     sim = start_sim("llama")
     router = None
     try:
-        router = start_router(write_config(tmp_path / "servers.toml", [(sim.url, 4)], '[router]\napi_keys = ["s3cret"]\n'))
+        router = start_router(write_config(tmp_path / "servers.toml", [(sim.url, 4)], '[router]\napi_keys = ["s3cret"]\nopen_endpoints = ["/health", "/load-stats"]\n'))
         wait_until(lambda: healthy_count(router) == 1)
         with pytest.raises(openai.AuthenticationError):
             client_for(router, api_key="wrong").chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}])
@@ -458,9 +458,11 @@ def test_metrics_endpoint_exports_the_routers_counters(trio: tuple[Proc, list[Pr
 
 
 def hung_config(path: Path, sim: Proc) -> Path:
-    """One server, a 1 s request_timeout and no retries: a timeout is answered at once."""
+    """One server, a 1 s request_timeout and generation_timeout and no retries: a timeout is
+    answered at once."""
     write_config(path, [(sim.url, 4)])
-    path.write_text(path.read_text().replace("request_timeout = 20", "request_timeout = 1").replace("max_retries = 3", "max_retries = 0"))
+    timeouts = "request_timeout = 1\ngeneration_timeout = 1"
+    path.write_text(path.read_text().replace("request_timeout = 20", timeouts).replace("max_retries = 3", "max_retries = 0"))
     return path
 
 
@@ -475,7 +477,8 @@ def test_an_upstream_that_never_answers_is_timed_out_by_request_timeout(tmp_path
         started = time.monotonic()
         reply = http.post(router.url + "/v1/chat/completions", json=body, timeout=15)
         assert time.monotonic() - started >= 0.9  # it waited for request_timeout, not less
-        assert reply.status_code == 502
+        # a non-streamed answer is waited for up to generation_timeout: a gateway timeout
+        assert reply.status_code == (502 if stream else 504)
         assert "timed out" in reply.json()["error"]["message"]
         assert sim_state(sim)["hung"] == 1
     finally:

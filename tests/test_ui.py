@@ -310,7 +310,7 @@ async def test_reload_key_reads_the_config_file_now(tmp_path: Path, paths: AppPa
             await pilot.press("r")
             await eventually(lambda: services.cluster.find("beta") is not None, what="beta added by the reload")
             await eventually(lambda: any(pane.server.name == "beta" for pane in app.query(ServerPane)), what="beta's pane")
-            assert services.reloader.reloads == 1  # type: ignore[union-attr]
+            assert services.live.reloads == 1  # type: ignore[union-attr]
 
 
 async def test_reload_key_is_greyed_out_without_a_config_file(paths: AppPaths) -> None:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import AsyncIterator, Callable
 
 from mvtui.cluster.state import ClusterEvent, EngineMetrics, RequestRecord
-from mvtui.config.schema import Config, RouterConfig, ServerConfig
+from mvtui.config.schema import Config, RouterConfig, ServerConfig, UiConfig
 from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
 from mvtui.runtime.wiring import Services
@@ -39,13 +39,15 @@ FROZEN_SERVERS = {
 }
 
 
-def frozen_services(paths: AppPaths, names: tuple[str, ...] = ("small", "medium", "big"), nvml: "FakeNvml | None" = None) -> Services:
+def frozen_services(
+    paths: AppPaths, names: tuple[str, ...] = ("small", "medium", "big"), nvml: "FakeNvml | None" = None, ui: UiConfig = UiConfig()
+) -> Services:
     """Services that are never started: its cluster holds fixed, hand-set state."""
     configs = tuple(
         ServerConfig(url=f"http://10.0.0.{11 + index}:8000", name=name, max_concurrent_requests=FROZEN_SERVERS[name][0])
         for index, name in enumerate(names)
     )
-    config = Config(router=RouterConfig(host="127.0.0.1", port=8888), servers=configs)
+    config = Config(router=RouterConfig(host="127.0.0.1", port=8888), servers=configs, ui=ui)
     services = Services(config, paths=paths, clock=lambda: 1000.0, gpu=GpuProbe(nvml if nvml is not None else two_gpus()))
     services.cluster.apply(config.servers, config.timing)
     services.router_port = 8888

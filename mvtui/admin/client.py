@@ -1,4 +1,5 @@
-"""`mvtui ps | info | start | stop | sleep | wake | drain | undrain`: the running mvtui's
+"""`mvtui ps | info | start | stop | sleep | wake | drain | undrain | save | add-server |
+remove-server | set-capacity`: the running mvtui's
 admin API from the shell. Tables for people, `--json` for scripts.
 
 Exit status: 0 done, 1 the command failed, 3 no mvtui is running.
@@ -18,7 +19,8 @@ from typing import Any, Callable, Sequence, TextIO
 
 from mvtui.paths import AppPaths
 
-ADMIN_COMMANDS = ("ps", "info", "start", "stop", "sleep", "wake", "drain", "undrain", "add-server", "remove-server", "set-capacity")
+ADMIN_COMMANDS = ("ps", "info", "start", "stop", "sleep", "wake", "drain", "undrain", "save", "add-server", "remove-server", "set-capacity")
+PERSIST_HELP = "also write the change to the config file (without it, the change lasts until mvtui stops)"
 EXIT_FAILED = 1
 EXIT_NOT_RUNNING = 3
 POLL_S = 0.5
@@ -40,8 +42,9 @@ def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     add = subparsers.add_parser
     add("ps", parents=[common], help="list the servers and local instances of the running mvtui")
     add("info", parents=[common], help="show the running mvtui's addresses, config and GPUs")
-    start = add("start", parents=[common], help="start a local vLLM instance (from [[instances]], or a new one)")
-    start.add_argument("model", metavar="MODEL", help="an instance's name, or a model to serve")
+    start = add("start", parents=[common], help="start a local vLLM instance (from [[instances]]; a new one with --new)")
+    start.add_argument("model", metavar="MODEL", help="an instance's name (with --new: a model to serve)")
+    start.add_argument("--new", action="store_true", help="create a new instance serving MODEL (the options below describe it)")
     start.add_argument("--name", help="instance name (default: the served model name)")
     start.add_argument("--served-model-name", help="the model name clients ask for")
     start.add_argument("--port", dest="instance_port", type=int, help="port (default: a free one from 8100-8199)")
@@ -55,21 +58,28 @@ def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     sleep = add("sleep", parents=[common], help="drain a server, then put it to sleep")
     sleep.add_argument("name", metavar="NAME", help="server or instance name")
     sleep.add_argument("--level", type=int, choices=(1, 2), default=1, help="1: weights to CPU RAM; 2: weights dropped")
+    wake = add("wake", parents=[common], help="wake a sleeping server (level 2: also reload its weights)")
+    wake.add_argument("name", metavar="NAME", help="server or instance name")
     for name, text in (
-        ("wake", "wake a sleeping server (level 2: also reload its weights)"),
         ("drain", "stop sending new requests to a server; those in flight finish"),
         ("undrain", "send requests to a drained server again"),
     ):
-        add(name, parents=[common], help=text).add_argument("name", metavar="NAME", help="server or instance name")
+        verb = add(name, parents=[common], help=text)
+        verb.add_argument("name", metavar="NAME", help="server or instance name")
+        verb.add_argument("--persist", action="store_true", help=PERSIST_HELP)
+    save = add("save", parents=[common], help="write a server's live drain and capacity to the config file")
+    save.add_argument("name", metavar="NAME", help="server name or URL")
     add_server = add("add-server", parents=[common], help="add a vLLM server to the cluster and the config file")
     add_server.add_argument("url", metavar="URL")
     add_server.add_argument("--capacity", type=int, default=8, help="max_concurrent_requests (default %(default)s)")
     add_server.add_argument("--name", default="", help="a short name for the dashboard")
     remove = add("remove-server", parents=[common], help="remove a server (requests in flight finish first)")
     remove.add_argument("name", metavar="NAME", help="server name or URL")
+    remove.add_argument("--persist", action="store_true", help="also delete it from the config file (without it, it comes back at restart)")
     capacity = add("set-capacity", parents=[common], help="change a server's max_concurrent_requests")
     capacity.add_argument("name", metavar="NAME", help="server name or URL")
     capacity.add_argument("capacity", metavar="N", type=int)
+    capacity.add_argument("--persist", action="store_true", help=PERSIST_HELP)
 
 
 # --- the client ------------------------------------------------------------------------
@@ -209,8 +219,16 @@ def _info(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _start(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    """An existing instance; a new one only with --new, so a typo never launches a model."""
     params = _start_params(args)
-    instance = client.call("POST", "/instances", {"model": args.model, "params": params})
+    if params and not args.new:
+        raise AdminFailure(f"--{next(iter(params)).replace('_', '-')} describes a new instance: add --new")
+    try:
+        instance = client.call("POST", "/instances", {"model": args.model, "params": params, "create": args.new})
+    except AdminFailure as error:
+        if args.new or not str(error).startswith("no instance named"):
+            raise
+        raise AdminFailure(f"{error}; to create one, run `mvtui start --new {args.model}`") from None
     if not args.no_wait:
         instance = _follow_start(client, instance, args, out)
     if args.json:
@@ -267,10 +285,18 @@ def _sleep(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
     return _done(server, args, out, f"{server['name']} {server['state']}")
 
 
-def _server_action(action: str) -> Callable[[AdminClient, argparse.Namespace, TextIO], int]:
+def _wake(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    server = client.call("POST", f"/servers/{quoted(args.name)}/wake")
+    return _done(server, args, out, f"{server['name']} {server['state']}")
+
+
+def _server_change(action: str) -> Callable[[AdminClient, argparse.Namespace, TextIO], int]:
+    """drain, undrain, save: the server's state after it, and what was saved where."""
+
     def run(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
-        server = client.call("POST", f"/servers/{quoted(args.name)}/{action}")
-        return _done(server, args, out, f"{server['name']} {server['state']}")
+        body = {"persist": True} if getattr(args, "persist", False) else None
+        server = client.call("POST", f"/servers/{quoted(args.name)}/{action}", body)
+        return _done(server, args, out, f"{server['message']} [{server['state']}]")
 
     return run
 
@@ -282,12 +308,12 @@ def _add_server(client: AdminClient, args: argparse.Namespace, out: TextIO) -> i
 
 
 def _remove_server(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
-    change = client.call("DELETE", f"/servers/{quoted(args.name)}")
+    change = client.call("DELETE", f"/servers/{quoted(args.name)}" + ("?persist=1" if args.persist else ""))
     return _done(change, args, out, change["message"])
 
 
 def _set_capacity(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
-    server = client.call("PATCH", f"/servers/{quoted(args.name)}", {"max_concurrent_requests": args.capacity})
+    server = client.call("PATCH", f"/servers/{quoted(args.name)}", {"max_concurrent_requests": args.capacity, "persist": args.persist})
     return _done(server, args, out, server["changes"][0]["message"])
 
 
@@ -313,9 +339,10 @@ COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace, TextIO], int]] = 
     "start": _start,
     "stop": _stop,
     "sleep": _sleep,
-    "wake": _server_action("wake"),
-    "drain": _server_action("drain"),
-    "undrain": _server_action("undrain"),
+    "wake": _wake,
+    "drain": _server_change("drain"),
+    "undrain": _server_change("undrain"),
+    "save": _server_change("save"),
     "add-server": _add_server,
     "remove-server": _remove_server,
     "set-capacity": _set_capacity,

@@ -1,24 +1,65 @@
 """Polls every server concurrently: /metrics often, /health and /v1/models less often.
 
 One task per server, so a slow server never delays the others; every call has a timeout
-shorter than its interval.
+shorter than its interval. Each task is supervised: an unexpected error is logged with the
+server's name and shown on the server (`last_error`, `poll_crashes`, an "error" event), and
+polling goes on after a pause that doubles with every crash in a row. A server that does not
+answer is probed less and less often (doubling, up to a cap), so that thousands of dead
+servers cost little. A /metrics that fails while /health answers is no health failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import random
+from dataclasses import dataclass
 from typing import Callable
 
 import aiohttp
 
 from mvtui.cluster.state import Cluster, Server
 from mvtui.cluster.vllm import SLEEP_LEVEL_BY_STATE, VllmClient, parse_metrics
-from mvtui.config.schema import TimingConfig
+from mvtui.config.schema import TimingConfig, redact_url
 from mvtui.errors import CONNECTION_ERRORS, VllmError, describe_error
-from mvtui.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
+
+# Told of every failed poll: the server and the kind ("health", "models", "metrics", "crash").
+PollErrorHook = Callable[[Server, str], None]
+
+CRASH_PAUSE_FIRST_S = 0.5
+CRASH_PAUSE_MAX_S = 30.0
+# A server that does not answer is probed at least once per this many health-check intervals.
+DOWN_PAUSE_CAP_INTERVALS = 3.0
+PAUSE_JITTER = 0.1  # +-10 %: backed-off probes of many dead servers do not stay in step
+MAX_DOUBLINGS = 30
+# What a poll can meet from a backend; anything else is a bug, and the supervisor's.
+POLL_ERRORS = (VllmError, aiohttp.ClientError, ValueError, *CONNECTION_ERRORS)
+
+
+class Scrape(enum.Enum):
+    OK = "ok"
+    BUSY = "busy"  # timed out: the health probe decides whether it is dead
+    FAILED = "failed"  # answered, but no usable metrics
+    UNREACHABLE = "unreachable"
+
+
+@dataclass
+class _Schedule:
+    """One server's polling times and its failure streaks."""
+
+    next_health: float = 0.0
+    next_scrape: float = 0.0
+    metrics_failures: int = 0
+    crashes: int = 0
+
+
+def backoff(first: float, streak: int, cap: float) -> float:
+    """`first`, doubled for each failure in the streak after the first, at most `cap`."""
+    return min(cap, first * 2.0 ** min(max(streak - 1, 0), MAX_DOUBLINGS))
+
 
 class Poller:
     def __init__(
@@ -26,20 +67,27 @@ class Poller:
         cluster: Cluster,
         session: aiohttp.ClientSession,
         timing: Callable[[], TimingConfig],
-        metrics: RouterMetrics | None = None,
+        on_poll_error: PollErrorHook | None = None,
+        *,
+        rng: random.Random | None = None,
     ) -> None:
         self.cluster = cluster
         self.session = session
         self.timing = timing
-        self.metrics = metrics
+        self.on_poll_error = on_poll_error
+        self.rng = rng or random.Random()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watched: dict[str, Server] = {}
+        self._hook_failed = False
 
     async def run(self) -> None:
         """Keep one polling task per server; forget removed servers once they are idle."""
         try:
             while True:
-                self.reconcile()
+                try:
+                    self.reconcile()
+                except Exception:
+                    log.exception("matching the poll tasks to the servers failed; trying again")
                 await asyncio.sleep(self.timing().metrics_interval)
         finally:
             await self.stop()
@@ -69,20 +117,66 @@ class Poller:
     def client(self, server: Server, timeout: float) -> VllmClient:
         return VllmClient(self.session, server.url, server.config.api_key, timeout)
 
+    # --- the supervised loop ----------------------------------------------------------
+
     async def _watch(self, server: Server) -> None:
-        next_health = 0.0
-        loop = asyncio.get_running_loop()
+        schedule = _Schedule()
         while True:
-            timing = self.timing()
-            # A managed instance that is not running is watched by its manager instead.
-            if server.lifecycle in (None, "running"):
-                now = loop.time()
-                if now >= next_health or not server.is_up:
-                    await self.check_health(server)
-                    next_health = now + timing.health_check_interval
-                if server.is_up:  # a sleeping vLLM still answers /metrics: its numbers stay true
-                    await self.scrape(server)
-            await asyncio.sleep(timing.metrics_interval)
+            try:
+                pause = await self._cycle(server, schedule)
+                schedule.crashes = 0
+            except Exception as error:  # CancelledError is no Exception: stop() still works
+                schedule.crashes += 1
+                pause = self._crashed(server, error, schedule.crashes)
+            await asyncio.sleep(pause)
+
+    async def _cycle(self, server: Server, schedule: _Schedule) -> float:
+        """One round of polls; returns the pause before the next."""
+        timing = self.timing()
+        # A managed instance that is not running is watched by its manager instead.
+        if server.lifecycle not in (None, "running"):
+            return timing.metrics_interval
+        now = asyncio.get_running_loop().time()
+        if now >= schedule.next_health or not server.is_up:
+            await self.check_health(server)
+            schedule.next_health = now + timing.health_check_interval
+        if server.is_up and now >= schedule.next_scrape:  # a sleeping vLLM still answers /metrics
+            self._scraped(await self.scrape(server), schedule, now, timing)
+        return self._pause(server, timing)
+
+    def _scraped(self, outcome: Scrape, schedule: _Schedule, now: float, timing: TimingConfig) -> None:
+        if outcome is Scrape.UNREACHABLE:
+            schedule.next_health = 0.0  # the health probe decides, in the next round
+        if outcome is Scrape.FAILED:
+            schedule.metrics_failures += 1
+            cap = max(timing.metrics_interval, timing.health_check_interval)
+            schedule.next_scrape = now + backoff(timing.metrics_interval, schedule.metrics_failures, cap)
+        else:
+            schedule.metrics_failures = 0
+            schedule.next_scrape = 0.0
+
+    def _pause(self, server: Server, timing: TimingConfig) -> float:
+        """The metrics interval; for a server that fails its probes, doubling up to a cap."""
+        streak = server.health.failures
+        if server.is_up or streak == 0:
+            return timing.metrics_interval
+        cap = max(timing.metrics_interval, timing.health_check_interval * DOWN_PAUSE_CAP_INTERVALS)
+        pause = backoff(timing.metrics_interval, streak + 1, cap)
+        return pause * self.rng.uniform(1 - PAUSE_JITTER, 1 + PAUSE_JITTER)
+
+    def _crashed(self, server: Server, error: Exception, streak: int) -> float:
+        pause = backoff(CRASH_PAUSE_FIRST_S, streak, CRASH_PAUSE_MAX_S)
+        message = redact_url(f"polling failed: {type(error).__name__}: {error}")
+        log.error("%s: %s; polling again in %.1f s", server.name, message, pause, exc_info=streak == 1)
+        server.poll_crashes += 1
+        self._count_error(server, "crash")
+        server.last_error = message
+        if server.health.failure(message):  # a server that cannot be polled is not known to be up
+            self.cluster.emit("down", server, f"down: {message}")
+        self.cluster.emit("error", server, f"{message}; polling again in {pause:.1f} s")
+        return pause
+
+    # --- the polls --------------------------------------------------------------------
 
     async def check_health(self, server: Server) -> None:
         """/health, then the model list and sleep state when it answers."""
@@ -90,19 +184,21 @@ class Poller:
         client = self.client(server, min(5.0, max(0.2, timing.health_check_interval * 0.9)))
         try:
             status = await client.health()
-        except CONNECTION_ERRORS as error:
-            self._failed(server, "health", describe_error(error))
+        except POLL_ERRORS as error:
+            # A URL that cannot be requested at all (port 99999) will not get better.
+            self._failed(server, "health", describe_error(error), at_once=_is_invalid_url(error))
             return
         if status != 200:
             self._failed(server, "health", f"/health answered {status}")
             return
         was_up = server.is_up
         try:
-            server.model_cards = await client.models()
-            server.discovered_models = tuple(card["id"] for card in server.model_cards)
-        except (VllmError, *CONNECTION_ERRORS, ValueError) as error:
+            cards = await client.models()
+        except POLL_ERRORS as error:
             self._failed(server, "models", describe_error(error))
             return
+        server.model_cards = cards
+        server.discovered_models = tuple(card["id"] for card in cards)
         await self._read_sleep_state(server, client)
         if server.health.success() and not was_up:
             self.cluster.emit("up", server, f"up, serving {', '.join(server.models) or 'no models'}")
@@ -113,10 +209,10 @@ class Poller:
         epoch = server.sleep_epoch
         try:
             sleeping = await client.is_sleeping()
-        except VllmError:
-            server.sleep_capable = False
-            return
         except CONNECTION_ERRORS:
+            return
+        except POLL_ERRORS:  # 404, or an answer that is not {"is_sleeping": bool}
+            server.sleep_capable = False
             return
         if epoch != server.sleep_epoch or server.waking or server.sleep_pending:
             return  # a sleep or wake happened while the answer travelled: it is stale
@@ -126,7 +222,8 @@ class Poller:
         elif not server.sleep_level:
             server.sleep_level = 1  # slept by someone else; the level is not visible here
 
-    async def scrape(self, server: Server) -> None:
+    async def scrape(self, server: Server) -> Scrape:
+        """/metrics; its failure is never a health failure (/health decides that)."""
         timing = self.timing()
         client = self.client(server, max(0.2, timing.metrics_interval * 0.9))
         sent_before = server.sent_total
@@ -135,22 +232,43 @@ class Poller:
             text = await client.metrics_text()
         except asyncio.TimeoutError:
             self._count_error(server, "metrics")  # busy, not dead: the health probe decides
-            return
-        except (VllmError, *CONNECTION_ERRORS) as error:
-            self._failed(server, "metrics", describe_error(error))
-            return
+            return Scrape.BUSY
+        except (aiohttp.ClientConnectionError, OSError):
+            self._count_error(server, "metrics")
+            return Scrape.UNREACHABLE
+        except POLL_ERRORS as error:
+            self._metrics_failed(server, describe_error(error))
+            return Scrape.FAILED
         metrics = parse_metrics(text, asyncio.get_running_loop().time())
         server.scraped(metrics, sent_before)
         fresh = epoch == server.sleep_epoch and not (server.waking or server.sleep_pending)
         if metrics.sleep_state in SLEEP_LEVEL_BY_STATE and fresh:
             server.sleep_level = SLEEP_LEVEL_BY_STATE[metrics.sleep_state]
+        return Scrape.OK
 
-    def _failed(self, server: Server, kind: str, error: str) -> None:
+    def _metrics_failed(self, server: Server, error: str) -> None:
+        self._count_error(server, "metrics")
+        if server.metrics_available is not False:
+            log.warning("%s: no metrics (%s); routing by its requests in flight", server.name, error)
+        server.metrics_failed()
+        server.last_error = redact_url(f"metrics: {error}")
+
+    def _failed(self, server: Server, kind: str, error: str, *, at_once: bool = False) -> None:
         self._count_error(server, kind)
-        server.last_error = error
-        if server.health.failure(error):
+        server.last_error = error = redact_url(error)
+        if server.health.failure(error, at_once=at_once):
             self.cluster.emit("down", server, f"down: {error}")
 
     def _count_error(self, server: Server, kind: str) -> None:
-        if self.metrics is not None:
-            self.metrics.poll_errors.labels(server.name, kind).inc()
+        if self.on_poll_error is None:
+            return
+        try:
+            self.on_poll_error(server, kind)
+        except Exception:  # a broken hook must not stop polling; said once
+            if not self._hook_failed:
+                self._hook_failed = True
+                log.exception("the poll error hook failed (for %s, %s)", server.name, kind)
+
+
+def _is_invalid_url(error: BaseException) -> bool:
+    return isinstance(error, ValueError)  # aiohttp.InvalidURL included

@@ -17,9 +17,7 @@ import aiohttp
 from mvtui.cluster.state import Cluster, Server
 from mvtui.cluster.vllm import SLEEP_LEVEL_BY_STATE, VllmClient, parse_metrics
 from mvtui.config.schema import TimingConfig
-from mvtui.control.commands import find_server
-from mvtui.errors import CONNECTION_ERRORS, CommandError, VllmError, describe_error
-from mvtui.router.proxy import ProxyError
+from mvtui.errors import CONNECTION_ERRORS, CommandError, Unavailable, VllmError, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ class Controller:
 
     async def sleep(self, key: str, level: int) -> Server:
         """Drain (bounded by drain_timeout), `/sleep?level=N`, confirm. Waits its turn."""
-        server = find_server(self.cluster, key)
+        server = self.cluster.require(key)
         _check_sleepable(server, level)
         await _uncancellable(self._sleep_when_free(server, level))
         return server
@@ -151,7 +149,7 @@ class Controller:
 
     async def wake(self, key: str) -> Server:
         """Wake a server (shares a wake already under way); raises CommandError."""
-        server = find_server(self.cluster, key)
+        server = self.cluster.require(key)
         if server.lifecycle not in (None, "running"):
             raise CommandError(f"{server.name} is {server.lifecycle}; start it instead")
         await asyncio.shield(self.wake_task(server))
@@ -238,7 +236,7 @@ class Controller:
 
     async def make_available(self, model: str) -> bool:
         """The proxy's hook: wake (or start) a server for `model`, shared by every waiter,
-        bounded by wake_timeout. True when one is routable; ProxyError (503) otherwise."""
+        bounded by wake_timeout. True when one is routable; Unavailable otherwise."""
         if self.cluster.routable(model):
             return True
         candidates = [server for server in self.cluster.serving(model) if not server.drain]
@@ -248,12 +246,12 @@ class Controller:
         elif (start := self._start_for(model)) is not None:
             await self._wait(start, f"`{model}` is still starting", f"`{model}` could not start")
         elif not candidates and self.cluster.serving(model):
-            raise ProxyError(503, f"Every server for `{model}` is drained", headers={"Retry-After": str(RETRY_AFTER_WAKE_S)})
+            raise Unavailable(f"Every server for `{model}` is drained", RETRY_AFTER_WAKE_S)
         else:
             return False
         if self.cluster.routable(model):
             return True
-        raise ProxyError(503, f"No server can take a request for `{model}` now", headers={"Retry-After": str(RETRY_AFTER_WAKE_S)})
+        raise Unavailable(f"No server can take a request for `{model}` now", RETRY_AFTER_WAKE_S)
 
     def _start_for(self, model: str) -> asyncio.Task[None] | None:
         if self.on_demand is None:
@@ -261,17 +259,16 @@ class Controller:
         try:
             return self.on_demand(model)
         except CommandError as error:
-            raise ProxyError(503, str(error), headers={"Retry-After": str(RETRY_AFTER_WAKE_S)}) from None
+            raise Unavailable(str(error), RETRY_AFTER_WAKE_S) from None
 
     async def _wait(self, task: asyncio.Task[None], slow: str, failed: str) -> None:
         timeout = self.timing().wake_timeout
-        retry = {"Retry-After": str(RETRY_AFTER_WAKE_S)}
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
         except asyncio.TimeoutError:
-            raise ProxyError(503, f"{slow}; not ready after {timeout:g} s, try again", headers=retry) from None
+            raise Unavailable(f"{slow}; not ready after {timeout:g} s, try again", RETRY_AFTER_WAKE_S) from None
         except CommandError as error:
-            raise ProxyError(503, f"{failed}: {error}", headers=retry) from None
+            raise Unavailable(f"{failed}: {error}", RETRY_AFTER_WAKE_S) from None
 
     async def close(self) -> None:
         tasks = [task for task in self._wakes.values() if not task.done()]

@@ -7,6 +7,7 @@ headless log read them. Nothing here does I/O.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -14,8 +15,10 @@ from statistics import median
 from typing import Callable, Iterable, Iterator
 
 from mvtui.config.schema import ServerConfig, TimingConfig
+from mvtui.errors import UnknownServer
 
 Clock = Callable[[], float]
+log = logging.getLogger(__name__)
 
 
 class Health(enum.Enum):
@@ -133,12 +136,25 @@ class Server:
         self.lifecycle: str | None = None
         self.removed = False
         self.last_error = ""
+        # False while /metrics answers with an error (an OpenAI server without vLLM's metrics).
+        self.metrics_available: bool | None = None
+        self.poll_crashes = 0  # times its poll task failed unexpectedly and was restarted
         self.last_used = clock()
         self.stats = ServerStats()
 
     @property
     def url(self) -> str:
         return self.config.url
+
+    @property
+    def display_url(self) -> str:
+        """The URL without credentials, for people, logs and status endpoints."""
+        return self.config.display_url
+
+    @property
+    def url_has_credentials(self) -> bool:
+        """`user:password@` in the URL: they are the connection's Authorization."""
+        return self.display_url != self.url
 
     @property
     def name(self) -> str:
@@ -162,6 +178,8 @@ class Server:
 
     @property
     def sent_since_scrape(self) -> int:
+        if self.metrics_available is False:
+            return self.in_flight  # no scrape will ever count them: what is open is the load
         return self.sent_total - self.sent_at_scrape
 
     @property
@@ -210,9 +228,15 @@ class Server:
     def scraped(self, metrics: EngineMetrics, sent_before_scrape: int) -> None:
         """A scrape answered; what was sent before it was issued is now in its numbers."""
         self.metrics = metrics
+        self.metrics_available = True
         self.sent_at_scrape = max(self.sent_at_scrape, sent_before_scrape)
         self.stats.request_rate.sample(metrics.requests_finished, metrics.scraped_at)
         self.stats.token_rate.sample(metrics.generation_tokens, metrics.scraped_at)
+
+    def metrics_failed(self) -> None:
+        """/metrics answered, with an error: its old numbers are no longer true."""
+        self.metrics = EngineMetrics()
+        self.metrics_available = False
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -261,6 +285,7 @@ class Cluster:
         # The last events, for views that open after they happened (the dashboard's pane).
         self.events: deque[ClusterEvent] = deque(maxlen=200)
         self._listeners: list[Listener] = []
+        self.rejected = 0  # requests the router answered itself with an error (401, 404, 413...)
 
     def __iter__(self) -> Iterator[Server]:
         return iter(list(self.servers.values()))
@@ -276,7 +301,10 @@ class Cluster:
         event = ClusterEvent(kind, server if isinstance(server, str) else server.name, message)
         self.events.append(event)
         for listener in list(self._listeners):
-            listener(event)
+            try:
+                listener(event)
+            except Exception:  # one broken view must not stop the poller or the proxy
+                log.exception("a listener failed on the event %r", event)
 
     def find(self, key: str) -> Server | None:
         """A server by URL, name or host:port."""
@@ -287,16 +315,24 @@ class Cluster:
                 return server
         return None
 
+    def require(self, key: str) -> Server:
+        """The server named `key` (name, URL or host:port); UnknownServer names the others."""
+        server = self.find(key)
+        if server is None:
+            names = ", ".join(server.name for server in self) or "none"
+            raise UnknownServer(f"no server named {key!r}; servers: {names}")
+        return server
+
     def add(self, config: ServerConfig) -> Server:
         server = Server(config, self.timing, self.clock)
         self.servers[config.url] = server
-        self.emit("added", server, f"added {config.url}")
+        self.emit("added", server, f"added {server.display_url}")
         return server
 
     def forget(self, server: Server) -> None:
         if self.servers.get(server.url) is server:
             del self.servers[server.url]
-            self.emit("removed", server, f"removed {server.url}")
+            self.emit("removed", server, f"removed {server.display_url}")
 
     def apply(self, configs: Iterable[ServerConfig], timing: TimingConfig | None = None) -> list[Server]:
         """Match servers by URL: keep state of unchanged ones, add new ones, mark gone ones
@@ -353,7 +389,7 @@ class Cluster:
             total=len(servers),
             request_rate=sum(server.stats.request_rate.latest for server in scraped),
             token_rate=sum(server.stats.token_rate.latest for server in scraped),
-            errors=sum(server.stats.errors for server in servers),
+            errors=sum(server.stats.errors for server in servers) + self.rejected,
             retries=sum(server.stats.retries for server in servers),
             in_flight=sum(server.in_flight for server in servers),
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -30,6 +32,9 @@ _KV_NEW = "vllm:kv_cache_usage_perc"
 _KV_LEGACY = "vllm:gpu_cache_usage_perc"
 _SLEEP_STATE = "vllm:engine_sleep_state"
 _WANTED = set(_FIELD_BY_METRIC) | set(_LEGACY_FIELD_BY_METRIC) | {_KV_NEW, _KV_LEGACY, _SLEEP_STATE}
+# The most of an answer read from a poll: real /metrics pages are tens of kilobytes.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass
@@ -53,17 +58,26 @@ def parse_metrics(text: str, now: float = 0.0) -> EngineMetrics:
     for line in text.splitlines():
         if not line.startswith("vllm:"):
             continue
-        brace = line.find("{")
-        space = line.find(" ")
-        end = brace if 0 <= brace < space else space
+        end = _name_end(line)
         name = line[:end]
-        if name not in _WANTED:
+        if end < 0 or name not in _WANTED:
             continue
         labels, value = _split_sample(line, end)
         if value is None:
             continue
         _accumulate(sums, name, labels, value)
     return _to_metrics(sums, now)
+
+
+def _name_end(line: str) -> int:
+    """Where the metric name ends (at `{` or the blank before the value); -1 when no value follows."""
+    space = line.find(" ")
+    if space < 0:
+        space = line.find("\t")
+    brace = line.find("{")
+    if space < 0:
+        return -1
+    return brace if 0 <= brace < space else space
 
 
 def _split_sample(line: str, name_end: int) -> tuple[str, float | None]:
@@ -74,9 +88,11 @@ def _split_sample(line: str, name_end: int) -> tuple[str, float | None]:
         labels, rest = "", line[name_end:]
     parts = rest.split()
     try:
-        return labels, float(parts[0])
+        value = float(parts[0])
     except (IndexError, ValueError):
         return labels, None
+    # NaN, infinities and negative numbers measure nothing vLLM counts: the sample is absent.
+    return labels, value if math.isfinite(value) and value >= 0 else None
 
 
 def _label(labels: str, key: str) -> str:
@@ -107,13 +123,19 @@ def _accumulate(sums: _Sums, name: str, labels: str, value: float) -> None:
         sums.legacy[key] = sums.legacy.get(key, 0.0) + value
 
 
+def _finite(value: float) -> float:
+    """Sums of huge samples can overflow to infinity: absent too."""
+    return value if math.isfinite(value) else 0.0
+
+
 def _to_metrics(sums: _Sums, now: float) -> EngineMetrics:
-    values = {**sums.legacy, **sums.values}
+    values = {key: _finite(value) for key, value in {**sums.legacy, **sums.values}.items()}
     kv = sums.kv_new or sums.kv_legacy
+    kv_mean = sum(kv) / len(kv) if kv else math.nan
     return EngineMetrics(
         running=values.get("running", 0.0),
         waiting=values.get("waiting", 0.0),
-        kv_cache_usage=sum(kv) / len(kv) if kv else None,
+        kv_cache_usage=kv_mean if math.isfinite(kv_mean) else None,
         prompt_tokens=values.get("prompt_tokens", 0.0),
         generation_tokens=values.get("generation_tokens", 0.0),
         requests_finished=values.get("requests_finished", 0.0),
@@ -128,6 +150,63 @@ def _to_metrics(sums: _Sums, now: float) -> EngineMetrics:
 SLEEP_LEVEL_BY_STATE = {"awake": 0, "weights_offloaded": 1, "discard_all": 2}
 
 
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json(body: bytes, path: str) -> Any:
+    """The JSON in an answer, or VllmError saying why not (never another exception)."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as error:
+        raise VllmError(200, f"{path} answered something that is not JSON ({_excerpt(body)}): {_first_line(error)}") from None
+
+
+def _excerpt(body: bytes, limit: int = 40) -> str:
+    text = body[:limit].decode("utf-8", "replace")
+    return repr(text + ("..." if len(body) > limit else ""))
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:120]
+
+
+def parse_model_cards(body: bytes) -> list[dict[str, Any]]:
+    """`/v1/models`' cards; VllmError unless it is `{"data": [{"id": "name", ...}, ...]}`."""
+    payload = _json(body, "/v1/models")
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise VllmError(200, f"/v1/models answered {_excerpt(body)}, not {{\"data\": [model cards]}}")
+    for index, card in enumerate(data):
+        model_id = card.get("id") if isinstance(card, dict) else None
+        if not isinstance(model_id, str) or not model_id.strip():
+            raise VllmError(200, f"/v1/models: card {index} has no model name as its id: {_excerpt(json.dumps(card).encode())}")
+    return data
+
+
+def parse_is_sleeping(body: bytes) -> bool:
+    payload = _json(body, "/is_sleeping")
+    sleeping = payload.get("is_sleeping") if isinstance(payload, dict) else None
+    if not isinstance(sleeping, bool):
+        raise VllmError(200, f"/is_sleeping answered {_excerpt(body)}, not {{\"is_sleeping\": true|false}}")
+    return sleeping
+
+
+async def read_bounded(response: aiohttp.ClientResponse, path: str, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """The whole body, or VllmError once it passes `limit` bytes (a backend must not fill memory)."""
+    too_big = VllmError(response.status, f"{path} answered more than {limit} bytes")
+    if response.content_length is not None and response.content_length > limit:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(_CHUNK_BYTES):
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class VllmClient:
     """Calls to one vLLM server over the shared session."""
 
@@ -139,7 +218,7 @@ class VllmClient:
 
     async def _get(self, path: str) -> tuple[int, bytes]:
         async with self.session.get(self.url + path, headers=self.headers, timeout=self.timeout) as response:
-            return response.status, await response.read()
+            return response.status, await read_bounded(response, path)
 
     async def _post(self, path: str, *, params: dict | None = None, json: dict | None = None, timeout: float | None = None) -> None:
         limit = aiohttp.ClientTimeout(total=timeout) if timeout else self.timeout
@@ -158,18 +237,17 @@ class VllmClient:
             raise VllmError(status, f"/metrics answered {status}")
         return body.decode("utf-8", "replace")
 
-    async def models(self) -> list[dict]:
-        async with self.session.get(self.url + "/v1/models", headers=self.headers, timeout=self.timeout) as response:
-            if response.status != 200:
-                raise VllmError(response.status, f"/v1/models answered {response.status}")
-            payload = await response.json(content_type=None)
-        return [card for card in payload.get("data", []) if isinstance(card, dict) and "id" in card]
+    async def models(self) -> list[dict[str, Any]]:
+        status, body = await self._get("/v1/models")
+        if status != 200:
+            raise VllmError(status, f"/v1/models answered {status}")
+        return parse_model_cards(body)
 
     async def is_sleeping(self) -> bool:
         status, body = await self._get("/is_sleeping")
         if status != 200:
             raise VllmError(status, f"/is_sleeping answered {status}")
-        return bool(json.loads(body).get("is_sleeping"))
+        return parse_is_sleeping(body)
 
     async def sleep(self, level: int, timeout: float = 120.0) -> None:
         await self._post("/sleep", params={"level": str(level)}, timeout=timeout)

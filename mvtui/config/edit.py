@@ -1,9 +1,7 @@
-"""Edits to the config file that keep the operator's comments, order and formatting.
+"""Changes to the config document that keep the operator's comments, order and formatting.
 
-Each edit re-reads the file, changes only what it must in the tomlkit document, checks that
-the result is a valid config, and replaces the file atomically (a temporary file in the
-same folder, then `os.replace`), keeping its permissions. A file that is broken is never
-edited: the operator fixes it first. The blocking work runs in a thread (`edit_file`).
+Each change alters only what it must in the tomlkit document; `config.file` reads the file,
+applies the change, checks the result and writes it back.
 
 Servers may be written as mvllm does (`[servers] servers = [{ url = ... }, ...]`, on one
 line or many) or as an array of tables (`[[servers.servers]]`); both are edited in place.
@@ -11,31 +9,17 @@ line or many) or as an array of tables (`[[servers.servers]]`); both are edited 
 
 from __future__ import annotations
 
-import asyncio
-import os
-import stat
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import tomlkit
 from tomlkit.items import AoT, Array, InlineTable, Table, Whitespace
 from tomlkit.toml_document import TOMLDocument
 
-from mvtui.config.schema import Config, ServerConfig, normalize_url, parse_config
-from mvtui.errors import ConfigEditError, ConfigError
+from mvtui.config.schema import ServerConfig, normalize_url
+from mvtui.errors import ConfigEditError
 
 Change = Callable[[TOMLDocument], None]
 Entries = Array | AoT
-
-ATTEMPTS = 3  # tries when someone else writes the file while we edit it
-
-
-@dataclass(frozen=True)
-class EditResult:
-    text: str
-    config: Config
 
 
 # --- changes to a document ---------------------------------------------------------------
@@ -234,68 +218,3 @@ def _drop_trailing_blank_line(table: Table) -> None:
 
 def _ends_with_blank_line(entries: AoT) -> bool:
     return bool(entries.body) and entries.body[-1].as_string().endswith("\n\n")
-
-
-# --- the file ------------------------------------------------------------------------------
-
-
-def read_text(path: Path) -> str:
-    """The file's text; an absent file reads as empty (the first edit creates it)."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return ""
-
-
-def edited_text(text: str, change: Change, path: Path | None = None) -> EditResult:
-    """Apply `change` to valid config text; the result must be a valid config too."""
-    try:
-        parse_config(text, path)
-    except ConfigError as error:
-        raise ConfigEditError(f"the config file has problems; fix them first.\n{error}") from None
-    document = tomlkit.parse(text)
-    change(document)
-    new_text = document.as_string()
-    try:
-        config = parse_config(new_text, path)
-    except ConfigError as error:
-        raise ConfigEditError(f"the change would make the config invalid.\n{error}") from None
-    return EditResult(new_text, config)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace the file in one step, with the mode it had (a new file gets 0600: it may
-    hold API keys). A symlinked config is written through to its target."""
-    target = Path(os.path.realpath(path))
-    try:
-        mode = stat.S_IMODE(target.stat().st_mode)
-    except FileNotFoundError:
-        mode = 0o600
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def apply_edit(path: Path, change: Change) -> EditResult:
-    """Read, edit, write (blocking). Retries when the file changed while we edited it."""
-    for _attempt in range(ATTEMPTS):
-        original = read_text(path)
-        result = edited_text(original, change, path)
-        if read_text(path) != original:
-            continue
-        write_atomic(path, result.text)
-        return result
-    raise ConfigEditError(f"{path} kept changing while it was being edited; try again")
-
-
-async def edit_file(path: Path, change: Change) -> EditResult:
-    return await asyncio.to_thread(apply_edit, path, change)

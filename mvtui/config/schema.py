@@ -7,19 +7,23 @@ own settings sit beside it in `[router]`, `[admin]`, `[ui]` and `[[instances]]`.
 from __future__ import annotations
 
 import difflib
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import tomlkit
-from tomlkit.exceptions import ParseError
+from tomlkit.exceptions import ParseError, TOMLKitError
 
+from mvtui import keymap
 from mvtui.errors import ConfigError, Problem
 
 POLICIES = ("balanced", "least_loaded", "round_robin", "power_of_two")
 IDLE_ACTIONS = ("sleep1", "sleep2", "stop")
+STATUS_ENDPOINTS = ("/health", "/load-stats", "/metrics")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,11 @@ class ServerConfig:
     def label(self) -> str:
         return self.name or server_name_from_url(self.url)
 
+    @property
+    def display_url(self) -> str:
+        """The URL without the credentials it may carry: what people and logs see."""
+        return redact_url(self.url)
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -42,6 +51,10 @@ class RouterConfig:
     port: int = 8888
     api_keys: tuple[str, ...] = ()
     policy: str = "balanced"
+    # status endpoints answered without a key when api_keys is set (README "Security")
+    open_endpoints: tuple[str, ...] = ("/health",)
+    # upstream 5xx bodies and failure messages naming servers become a generic error
+    scrub_upstream_errors: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,20 @@ class TimingConfig:
     wake_timeout: float = 120.0
     drain_timeout: float = 60.0
     shutdown_timeout: float = 10.0
+    # the longest wait for a non-streamed answer while its server stays healthy; 0: no limit
+    generation_timeout: float = 1800.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """`[limits]`: what one client may hold of the router's front door."""
+
+    keepalive_timeout: float = 75.0
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    max_body_mb: float = 32.0
+    answer_buffer_mb: float = 1.0
+    max_connections: int = 4096
 
 
 @dataclass(frozen=True)
@@ -71,6 +98,7 @@ class AdminConfig:
 class UiConfig:
     theme: str = ""
     refresh_per_s: float = 4.0
+    keys: keymap.UserKeys = ()  # [ui.keys]: (action, keys) where they differ from the defaults
 
 
 @dataclass(frozen=True)
@@ -106,19 +134,54 @@ class InstanceConfig:
 class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     ui: UiConfig = field(default_factory=UiConfig)
     servers: tuple[ServerConfig, ...] = ()
     instances: tuple[InstanceConfig, ...] = ()
 
 
+_USERINFO = re.compile(r"(?<=//)[^/?#@]*@")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def redact_url(url: str) -> str:
+    """`url` without `user:password@`; works on text that does not parse as a URL too."""
+    return _USERINFO.sub("", url, count=1)
+
+
 def server_name_from_url(url: str) -> str:
-    parts = urlsplit(url)
-    return parts.netloc or url
+    """host[:port][/path], never the credentials."""
+    shown = redact_url(url).strip()
+    rest = shown.split("//", 1)[1] if "//" in shown else shown
+    return rest.rstrip("/") or shown
 
 
 def normalize_url(url: str) -> str:
-    return url.strip().rstrip("/")
+    """One spelling per backend: scheme and host in lower case, no default port, no trailing
+    slash. Text that is not a URL comes back stripped (the checks report it)."""
+    text = url.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return text.rstrip("/")
+    if not parts.hostname:
+        return text.rstrip("/")
+    scheme = parts.scheme.lower()
+    netloc = _netloc(parts, None if port == DEFAULT_PORTS.get(scheme) else port)
+    return urlunsplit((scheme, netloc, parts.path.rstrip("/"), parts.query, parts.fragment))
+
+
+def _netloc(parts: SplitResult, port: int | None) -> str:
+    userinfo, _, _ = parts.netloc.rpartition("@")
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return (f"{userinfo}@" if userinfo else "") + host + (f":{port}" if port is not None else "")
+
+
+def url_has_credentials(url: str) -> bool:
+    return redact_url(url) != url
 
 
 # --- validation -------------------------------------------------------------------------
@@ -126,23 +189,29 @@ def normalize_url(url: str) -> str:
 Check = Callable[[Any], str | None]
 
 
-def _number(minimum: float = 0, *, exclusive: bool = False, integer: bool = False) -> Check:
+def _number(minimum: float = 0, *, exclusive: bool = False, integer: bool = False, maximum: float | None = None) -> Check:
     def check(value: Any) -> str | None:
         allowed = (int,) if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, allowed):
             return f"expected {'an integer' if integer else 'a number'}, got {_describe(value)}"
+        if not math.isfinite(value):
+            return f"expected a finite number, got {value}"
         too_small = value <= minimum if exclusive else value < minimum
         if too_small:
             return f"must be {'greater than' if exclusive else 'at least'} {minimum}, got {value}"
+        if maximum is not None and value > maximum:
+            return f"must be at most {maximum}, got {value}"
         return None
 
     return check
 
 
-def _string(choices: tuple[str, ...] = ()) -> Check:
+def _string(choices: tuple[str, ...] = (), *, required: bool = False) -> Check:
     def check(value: Any) -> str | None:
         if not isinstance(value, str):
             return f"expected a string, got {_describe(value)}"
+        if required and not value.strip():
+            return "must not be empty"
         if choices and value not in choices:
             return f"must be one of {', '.join(choices)}; got {value!r}"
         return None
@@ -160,6 +229,24 @@ def _string_list(value: Any) -> str | None:
     return None
 
 
+def _names(value: Any) -> str | None:
+    """A list of non-empty strings (API keys, model names): an empty one would match anything."""
+    problem = _string_list(value)
+    if problem is None and not all(v.strip() for v in value):
+        return "expected a list of non-empty strings, got an empty one in it"
+    return problem
+
+
+def _subset(choices: tuple[str, ...]) -> Check:
+    def check(value: Any) -> str | None:
+        problem = _string_list(value)
+        if problem is None and not set(value) <= set(choices):
+            return f"each must be one of {', '.join(choices)}; got {', '.join(sorted(set(value) - set(choices)))}"
+        return problem
+
+    return check
+
+
 def _port(value: Any) -> str | None:
     problem = _number(0, integer=True)(value)
     if problem is None and value > 65535:
@@ -170,16 +257,26 @@ def _port(value: Any) -> str | None:
 def _url(value: Any) -> str | None:
     if not isinstance(value, str):
         return f"expected a URL string, got {_describe(value)}"
-    parts = urlsplit(value.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return f"expected an http:// or https:// URL, got {value!r}"
+    text = value.strip()
+    shown = repr(redact_url(text))
+    if any(char.isspace() or not char.isprintable() for char in text):
+        return f"a URL cannot contain spaces or control characters: {shown}"
+    try:
+        parts = urlsplit(text)
+        parts.port  # raises for a port that is not a number within 0-65535
+    except ValueError as error:
+        return f"not a valid URL ({error}): {shown}"
+    if parts.scheme.lower() not in DEFAULT_PORTS or not parts.hostname:
+        return f"expected an http:// or https:// URL with a host, got {shown}"
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        return f"a server URL cannot have a query or a fragment: {shown}"
     return None
 
 
 def _devices(value: Any) -> str | None:
     if isinstance(value, str):
         value = [part for part in value.split(",") if part.strip()]
-        ok = all(part.strip().isdigit() for part in value)
+        ok = all(part.strip().isascii() and part.strip().isdigit() for part in value)
     else:
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
     return None if ok else f"expected GPU indices like [0, 1] or \"0,1\", got {_describe(value)}"
@@ -189,7 +286,7 @@ def _port_range(value: Any) -> str | None:
     ok = (
         isinstance(value, list)
         and len(value) == 2
-        and all(isinstance(v, int) and 0 < v <= 65535 for v in value)
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 65535 for v in value)
         and value[0] <= value[1]
     )
     return None if ok else f"expected [first, last] ports, got {_describe(value)}"
@@ -199,6 +296,10 @@ def _string_table(value: Any) -> str | None:
     if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
         return f"expected a table of strings, got {_describe(value)}"
     return None
+
+
+def _table(value: Any) -> str | None:
+    return None if isinstance(value, Mapping) else f"expected a table, got {_describe(value)}"
 
 
 def _describe(value: Any) -> str:
@@ -218,8 +319,18 @@ def _describe(value: Any) -> str:
 ROUTER_SCHEMA: dict[str, Check] = {
     "host": _string(),
     "port": _port,
-    "api_keys": _string_list,
+    "api_keys": _names,
     "policy": _string(POLICIES),
+    "open_endpoints": _subset(STATUS_ENDPOINTS),
+    "scrub_upstream_errors": _boolean,
+}
+LIMITS_SCHEMA: dict[str, Check] = {
+    "keepalive_timeout": _number(0, exclusive=True),
+    "header_timeout": _number(0, exclusive=True),
+    "body_timeout": _number(0, exclusive=True),
+    "max_body_mb": _number(0, exclusive=True),
+    "answer_buffer_mb": _number(0),
+    "max_connections": _number(1, integer=True),
 }
 TIMING_SCHEMA: dict[str, Check] = {
     "health_check_interval": _number(0, exclusive=True),
@@ -231,6 +342,7 @@ TIMING_SCHEMA: dict[str, Check] = {
     "wake_timeout": _number(0, exclusive=True),
     "drain_timeout": _number(0),
     "shutdown_timeout": _number(0),
+    "generation_timeout": _number(0),
 }
 # mvllm's other `[config]` keys: accepted so its servers.toml loads unchanged, checked for
 # type, and not used (mvtui's health hysteresis and reload-on-change replace them).
@@ -246,23 +358,23 @@ MVLLM_TIMING_KEYS: dict[str, Check] = {
     "health_check_consecutive_failures": _number(1, integer=True),
 }
 ADMIN_SCHEMA: dict[str, Check] = {"host": _string(), "port": _port, "token": _string(), "enabled": _boolean}
-UI_SCHEMA: dict[str, Check] = {"theme": _string(), "refresh_per_s": _number(0.2)}
+UI_SCHEMA: dict[str, Check] = {"theme": _string(), "refresh_per_s": _number(0.2), "keys": _table}
 SERVER_SCHEMA: dict[str, Check] = {
     "url": _url,
     "max_concurrent_requests": _number(1, integer=True),
     "name": _string(),
     "api_key": _string(),
-    "models": _string_list,
+    "models": _names,
     "drain": _boolean,
 }
 INSTANCE_SCHEMA: dict[str, Check] = {
-    "model": _string(),
+    "model": _string(required=True),
     "name": _string(),
     "served_model_name": _string(),
     "port": _port,
     "port_range": _port_range,
     "devices": _devices,
-    "gpu_memory_utilization": _number(0, exclusive=True),
+    "gpu_memory_utilization": _number(0, exclusive=True, maximum=1),
     "max_model_len": _number(0, integer=True),
     "tensor_parallel_size": _number(1, integer=True),
     "extra_args": _string_list,
@@ -274,7 +386,7 @@ INSTANCE_SCHEMA: dict[str, Check] = {
     "startup_timeout": _number(0, exclusive=True),
     "max_concurrent_requests": _number(1, integer=True),
 }
-TOP_LEVEL = ("servers", "config", "router", "admin", "ui", "instances")
+TOP_LEVEL = ("servers", "config", "router", "limits", "admin", "ui", "instances")
 
 
 class _Collector:
@@ -349,6 +461,8 @@ def parse_config(text: str, path: Path | str | None = None) -> Config:
     except ParseError as error:
         # tomlkit counts columns from 0; every other problem counts from 1
         raise ConfigError(path, [Problem("TOML", _parse_message(error), error.line, error.col + 1)]) from None
+    except (TOMLKitError, RecursionError) as error:
+        raise ConfigError(path, [Problem("TOML", str(error) or type(error).__name__)]) from None
     collector = _Collector(text)
     config = _build(document.unwrap(), collector)
     if collector.problems:
@@ -385,50 +499,92 @@ def _build(data: dict[str, Any], collector: _Collector) -> Config:
     timing = collector.table("config", data.get("config", {}), TIMING_SCHEMA, near="[config]", ignored=MVLLM_TIMING_KEYS)
     admin = collector.table("admin", data.get("admin", {}), ADMIN_SCHEMA, near="[admin]")
     ui = collector.table("ui", data.get("ui", {}), UI_SCHEMA, near="[ui]")
+    limits = collector.table("limits", data.get("limits", {}), LIMITS_SCHEMA, near="[limits]")
+    if "keys" in ui:
+        ui["keys"] = _build_keys(ui["keys"], collector)
     if "api_keys" in router:
         router["api_keys"] = tuple(router["api_keys"])
+    if "open_endpoints" in router:
+        router["open_endpoints"] = tuple(router["open_endpoints"])
+    servers = _build_servers(data.get("servers", {}), collector)
+    instances = _build_instances(data.get("instances", []), collector)
+    _check_names(servers, instances, collector)
     return Config(
         router=RouterConfig(**router),
         timing=TimingConfig(**timing),
+        limits=LimitsConfig(**limits),
         admin=AdminConfig(**admin),
         ui=UiConfig(**ui),
-        servers=_build_servers(data.get("servers", {}), collector),
-        instances=_build_instances(data.get("instances", []), collector),
+        servers=servers,
+        instances=instances,
     )
 
 
+def _build_keys(raw: Mapping[str, Any], collector: _Collector) -> keymap.UserKeys:
+    """`[ui.keys]`: action = key or [keys], checked against the dashboard's keymap."""
+    near = "[ui.keys]" if "[ui.keys]" in collector.text else "[ui]"
+    for action, message in keymap.problems(raw):
+        collector.add(f"ui.keys.{action}", message, anchor=action, near=near)
+    return keymap.changes(raw)
+
+
 def _build_servers(raw: Any, collector: _Collector) -> tuple[ServerConfig, ...]:
+    entries = _server_entries(raw, collector)
+    servers: list[ServerConfig] = []
+    first_index: dict[str, int] = {}  # normalised URL -> the entry that listed it first
+    for index, entry in enumerate(entries):
+        server = _build_server(index, entry, collector, first_index)
+        if server is not None:
+            servers.append(server)
+    return tuple(servers)
+
+
+def _server_entries(raw: Any, collector: _Collector) -> list[Any]:
     if not isinstance(raw, Mapping):
         collector.add("servers", "expected a [servers] table with a `servers = [...]` list", anchor="servers")
-        return ()
+        return []
     for key in raw:
         if key != "servers":
             collector.add(f"servers.{key}", _unknown_key_message(key, ("servers",)), anchor=key)
     entries = raw.get("servers", [])
     if not isinstance(entries, list):
         collector.add("servers.servers", "expected a list of { url = ..., max_concurrent_requests = ... }")
-        return ()
-    servers: list[ServerConfig] = []
-    seen: set[str] = set()
-    for index, entry in enumerate(entries):
-        where = f"servers[{index}]"
-        near = entry.get("url") if isinstance(entry, Mapping) and isinstance(entry.get("url"), str) else None
-        values = collector.table(where, entry, SERVER_SCHEMA, near=near)
-        if not isinstance(entry, Mapping):
-            continue
-        if "url" not in entry:
-            collector.add(where, "missing required key 'url'", anchor="servers")
-            continue
-        if "url" not in values:
-            continue
-        values["url"] = normalize_url(values["url"])
-        if values["url"] in seen:
-            collector.add(f"{where}.url", f"{values['url']} is listed twice", anchor="url", near=near)
-            continue
-        seen.add(values["url"])
-        values["models"] = tuple(values.get("models", ()))
-        servers.append(ServerConfig(**values))
-    return tuple(servers)
+        return []
+    return entries
+
+
+def _build_server(index: int, entry: Any, collector: _Collector, first_index: dict[str, int]) -> ServerConfig | None:
+    where = f"servers[{index}]"
+    near = entry.get("url") if isinstance(entry, Mapping) and isinstance(entry.get("url"), str) else None
+    values = collector.table(where, entry, SERVER_SCHEMA, near=near)
+    if not isinstance(entry, Mapping):
+        return None
+    if "url" not in entry:
+        collector.add(where, "missing required key 'url'", anchor="servers")
+        return None
+    if "url" not in values:
+        return None
+    url = values["url"] = normalize_url(values["url"])
+    if url in first_index:
+        message = f"{redact_url(url)} is listed twice (servers[{first_index[url]}] is the same server)"
+        collector.add(f"{where}.url", message, anchor="url", near=near)
+        return None
+    first_index[url] = index
+    if url_has_credentials(url) and values.get("api_key"):
+        message = "the URL carries user:password@ and an api_key is set: use one of them"
+        collector.add(f"{where}.api_key", message, anchor="api_key", near=near)
+        return None
+    values["models"] = tuple(values.get("models", ()))
+    return ServerConfig(**values)
+
+
+def _check_names(servers: tuple[ServerConfig, ...], instances: tuple[InstanceConfig, ...], collector: _Collector) -> None:
+    """Every server is known by its name (routing, /metrics labels, the CLI): one name, one server."""
+    counts = Counter(server.label for server in servers)
+    clashes = sorted(label for label, count in counts.items() if count > 1)
+    clashes += sorted({instance.label for instance in instances if instance.label in counts})
+    for label in clashes:
+        collector.add("servers", f"two servers are named {label!r}; give each a distinct `name`", anchor="name", near=label)
 
 
 def _build_instances(raw: Any, collector: _Collector) -> tuple[InstanceConfig, ...]:

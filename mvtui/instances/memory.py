@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from mvtui.cluster.state import Server
 from mvtui.errors import CommandError
 from mvtui.gpu import GpuProbe, GpuSnapshot
 from mvtui.instances.processes import instance_devices
-
-if TYPE_CHECKING:
-    from mvtui.instances.manager import Instance
+from mvtui.instances.record import Instance
 
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
 
-SleepVictim = Callable[["Instance", "Instance"], Awaitable[None]]  # (victim, target): sleep victim to make room for target
+SleepVictim = Callable[[Instance, Instance], Awaitable[None]]  # (victim, target): sleep victim to make room for target
 
 
 class MemoryPlanner:

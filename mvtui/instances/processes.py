@@ -1,5 +1,5 @@
-"""Launching and signalling local processes: the argv and environment of an instance, its log
-file, free ports, process groups, and dying with mvtui (Linux PR_SET_PDEATHSIG).
+"""What an instance's process is: its argv and environment, its log file, and the process
+group signals, including dying with mvtui (Linux PR_SET_PDEATHSIG on the group leader).
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import functools
 import os
 import re
 import signal
-import socket
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from mvtui.config.schema import InstanceConfig
 
@@ -75,16 +74,6 @@ def log_file_name(model: str, port: int) -> str:
 def instance_devices(config: InstanceConfig) -> tuple[int, ...]:
     """The GPUs an instance uses: `devices`, else the first tensor_parallel_size ones."""
     return config.devices or tuple(range(config.tensor_parallel_size))
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def load_prctl() -> Callable[..., int] | None:

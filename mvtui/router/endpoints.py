@@ -14,7 +14,7 @@ def server_status(server: Server) -> dict[str, Any]:
     """One server as /health and /load-stats show it (a superset of mvllm's fields)."""
     return {
         "name": server.name,
-        "url": server.url,
+        "url": server.display_url,  # never the credentials a URL may carry
         "state": server.state,
         "healthy": server.is_up,
         "routable": server.routable,
@@ -34,6 +34,8 @@ def server_status(server: Server) -> dict[str, Any]:
         "retries": server.stats.retries,
         "ttft_p50": server.stats.ttft_p50,
         "last_error": server.last_error or None,
+        "metrics_available": server.metrics_available,
+        "poll_crashes": server.poll_crashes,
     }
 
 

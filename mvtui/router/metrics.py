@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from mvtui.cluster.state import Cluster
+from mvtui.cluster.state import Cluster, Server
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -26,8 +26,14 @@ class RouterMetrics:
         self.ttft = Histogram(
             "mvtui_time_to_first_token_seconds", "Time to the first streamed chunk", ["model"], buckets=LATENCY_BUCKETS, registry=registry
         )
+        self.upstream_errors = Counter(
+            "mvtui_upstream_errors", "Failed tries on a server (5xx, redirect, timeout, cut, connect...), by server and kind", ["server", "kind"], registry=registry
+        )
         self.poll_errors = Counter("mvtui_poll_errors", "Failed health or metrics polls", ["server", "kind"], registry=registry)
         registry.register(ClusterCollector(cluster))
+
+    def count_poll_error(self, server: Server, kind: str) -> None:
+        self.poll_errors.labels(server.name, kind).inc()
 
 
 class ClusterCollector(Collector):

@@ -1,30 +1,36 @@
 """The OpenAI-compatible front door: choose a server, forward, relay, retry, cancel.
 
-Streams are relayed chunk by chunk as they arrive. A connection error, timeout or 5xx
-before the first byte is retried on another server; a 4xx is the client's and passes
-through. Once bytes reached the client there is no retry: an SSE error event ends the
-stream. A client that disconnects cancels the handler (handler_cancellation), which
-closes the upstream connection so vLLM aborts the request.
+The router reads the client's body (bounded: request_body.py) to find `model`, then tries
+servers (relay.py) until one answers. A try that failed before any byte reached the client
+is retried on another server, at most `max_retries` times: a server that answered 5xx or a
+redirect, took too long or cut its answer is not asked again for the same request (one that
+could not be reached may be, when no other is left). A 4xx is the client's and passes through.
+Once bytes reached the client there is no retry: an SSE error event ends a stream, a long
+answer is cut short. A client that disconnects cancels the handler (handler_cancellation),
+which closes the upstream connection so vLLM aborts the request.
+
+Every request is counted, in the request log and `mvtui_requests_total`, including those the
+router answers itself (401, 400, 404, 408, 413, 415, 503: server label "router").
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
-from dataclasses import dataclass
-from typing import Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from mvtui.cluster.state import Cluster, Health, RequestRecord, Server
 from mvtui.config.schema import Config
-from mvtui.errors import CONNECTION_ERRORS, describe_error
-from mvtui.openai_errors import error_response, sse_error_event
+from mvtui.errors import Unavailable
+from mvtui.openai_errors import error_response
+from mvtui.router.headers import authorized
 from mvtui.router.metrics import RouterMetrics
+from mvtui.router.relay import CLIENT_CLOSED, AttemptFailed, Failure, Outcome, Plan, attempt
+from mvtui.router.request_body import MIB, BodyError, read_body
 from mvtui.routing.policies import Chooser
 
 GENERATION_PATHS = (
@@ -42,27 +48,11 @@ GENERATION_PATHS = (
     "/tokenize",
     "/detokenize",
 )
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "content-encoding",
-        "accept-encoding",
-    }
-)
 RETRY_BACKOFF_S = 0.05
 RETRY_AFTER_S = "2"
 NEWCOMER_WAIT_S = 3.0
-CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer
+ROUTER = "router"  # the server label of answers the router gives itself
+SHOWN_MODEL_CHARS = 64  # of a model name the router did not know, in the request log
 
 # Asked when a model has servers but none may take a request now (all asleep, not
 # started): True when it made one available, so the proxy chooses again.
@@ -78,46 +68,10 @@ class ProxyError(Exception):
         self.message = message
         self.code = code
         self.headers = headers
+        self.recorded = False  # already in the request log, as a try on a server
 
     def response(self) -> web.Response:
         return error_response(self.status, self.message, code=self.code, headers=self.headers)
-
-
-def forward_headers(headers: Mapping[str, str], server_key: str | None, strip_auth: bool) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or (lower == "authorization" and (server_key or strip_auth)):
-            continue
-        out.add(name, value)
-    if server_key:
-        out["Authorization"] = f"Bearer {server_key}"
-    out["Accept-Encoding"] = "identity"
-    return out
-
-
-@functools.lru_cache(maxsize=8)
-def upstream_timeout(request_timeout: float) -> aiohttp.ClientTimeout:
-    """Timeouts are immutable: one object per configured value instead of one per request."""
-    return aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, request_timeout), sock_read=request_timeout)
-
-
-def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in HOP_BY_HOP)
-
-
-def bearer_token(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return request.headers.get("x-api-key")
-
-
-@dataclass
-class _Outcome:
-    status: int
-    ttft: float | None = None
-    tokens: int | None = None
 
 
 class Proxy:
@@ -143,11 +97,11 @@ class Proxy:
         return [web.get("/v1/models", self.list_models), *forward]
 
     def authorized(self, request: web.Request) -> bool:
-        keys = self.config().router.api_keys
-        return not keys or bearer_token(request) in keys
+        return authorized(request, self.config().router.api_keys)
 
     async def list_models(self, request: web.Request) -> web.Response:
         if not self.authorized(request):
+            self._record_rejection(request, None, 401, time.perf_counter())
             return error_response(401, "Invalid or missing API key", code="invalid_api_key")
         cards: dict[str, dict] = {}
         for server in self.cluster:
@@ -159,39 +113,50 @@ class Proxy:
         return web.json_response({"object": "list", "data": list(cards.values())})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if not self.authorized(request):
-            return error_response(401, "Invalid or missing API key", code="invalid_api_key")
-        if self.closing:
-            headers = {"Retry-After": RETRY_AFTER_S, "Connection": "close"}
-            return error_response(503, "mvtui is shutting down", headers=headers)
+        started = time.perf_counter()
+        config = self.config()
+        model: str | None = None
         try:
-            body, model = self._read_model(await request.read())
-            return await self._dispatch(request, body, model)
+            self._admit(request)
+            body = await self._read_body(request, config)
+            body, model, stream = self._read_model(body)
+            return await self._dispatch(request, Plan(model, body, stream, config), started)
         except ProxyError as error:
+            if not error.recorded:
+                self._record_rejection(request, model, error.status, started)
             return error.response()
 
-    def _read_model(self, body: bytes) -> tuple[bytes, str]:
+    def _admit(self, request: web.Request) -> None:
+        if not self.authorized(request):
+            raise ProxyError(401, "Invalid or missing API key", code="invalid_api_key")
+        if self.closing:
+            raise ProxyError(503, "mvtui is shutting down", headers={"Retry-After": RETRY_AFTER_S, "Connection": "close"})
+
+    @staticmethod
+    async def _read_body(request: web.Request, config: Config) -> bytearray:
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ProxyError(400, f"The request body is not valid JSON: {error}") from None
-        if not isinstance(payload, dict):
-            raise ProxyError(400, "The request body must be a JSON object")
+            return await read_body(request, int(config.limits.max_body_mb * MIB), config.limits.body_timeout)
+        except BodyError as error:
+            raise ProxyError(error.status, error.message) from None
+
+    def _read_model(self, body: bytes | bytearray) -> tuple[bytes, str, bool]:
+        """The body to forward, its model and whether it asks for a stream."""
+        payload = _json_object(body)
         model = payload.get("model")
         if model is None:
             models = self.cluster.models()
             if len(models) != 1:
                 raise ProxyError(400, f"`model` is required; available models: {', '.join(models) or 'none'}")
             model = payload["model"] = models[0]
-            body = json.dumps(payload).encode()
+            body = _json_bytes(payload)
         if not isinstance(model, str):
             raise ProxyError(400, "`model` must be a string")
-        return body, model
+        return bytes(body), model, payload.get("stream") is True
 
-    async def _choose(self, model: str, tried: set[str]) -> Server:
+    async def _choose(self, model: str, tried: set[str], excluded: set[str]) -> Server:
         waited_for_newcomers = False
         while True:
-            candidates = self.cluster.routable(model)
+            candidates = [server for server in self.cluster.routable(model) if server.url not in excluded]
             if candidates:
                 fresh = [server for server in candidates if server.url not in tried]
                 return self.chooser.choose(fresh or candidates)  # type: ignore[return-value]
@@ -208,8 +173,16 @@ class Proxy:
                     )
                 models = self.cluster.models()
                 raise ProxyError(404, f"The model `{model}` does not exist. Available models: {', '.join(models) or 'none'}", code="model_not_found")
-            if self.make_available is None or not await self.make_available(model):
+            if self.make_available is None or not await self._made_available(model):
                 raise ProxyError(503, f"No server can take a request for `{model}` now", headers={"Retry-After": RETRY_AFTER_S})
+
+    async def _made_available(self, model: str) -> bool:
+        """Wake or start a server for `model`; the domain's "unavailable" becomes a 503."""
+        assert self.make_available is not None
+        try:
+            return await self.make_available(model)
+        except Unavailable as error:
+            raise ProxyError(503, str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
 
     def _newcomers(self) -> list[Server]:
         return [server for server in self.cluster if server.health.state is Health.UNKNOWN and not server.removed and server.lifecycle is None]
@@ -224,97 +197,63 @@ class Proxy:
             await asyncio.sleep(0.05)
         return True
 
-    async def _dispatch(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
-        config = self.config()
+    async def _dispatch(self, request: web.Request, plan: Plan, started: float) -> web.StreamResponse:
         tried: set[str] = set()
-        started = time.perf_counter()
-        for attempt in range(config.timing.max_retries + 1):
-            server = await self._choose(model, tried)
+        excluded: set[str] = set()  # failed this request in a way that asking again would repeat
+        retries = plan.config.timing.max_retries
+        for number in range(retries + 1):
+            server = await self._choose(plan.model, tried, excluded)
             tried.add(server.url)
             server.request_started()
             try:
-                result = await self._attempt(request, server, body, config, started, last=attempt == config.timing.max_retries)
+                response, outcome = await self._attempt(request, server, plan, started, excluded, last=number == retries)
             except ProxyError as error:
-                self._record(request, model, server, _Outcome(error.status), started, attempt)
+                error.recorded = True
+                self._record(request, plan.model, server, Outcome(error.status), started, number)
                 raise
             except asyncio.CancelledError:
-                self._record(request, model, server, _Outcome(CLIENT_CLOSED), started, attempt)
+                self._record(request, plan.model, server, Outcome(CLIENT_CLOSED), started, number)
                 raise
             finally:
                 server.request_finished()
-            if result is not None:
-                response, outcome = result
-                self._record(request, model, server, outcome, started, attempt)
+            if response is not None:
+                self._record(request, plan.model, server, outcome, started, number)
                 return response
             server.stats.retries += 1
             self.metrics.retries.labels(server.name).inc()
-            await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
+            await asyncio.sleep(RETRY_BACKOFF_S * (number + 1))
         raise AssertionError("unreachable: the last attempt always answers")
 
     async def _attempt(
-        self, request: web.Request, server: Server, body: bytes, config: Config, started: float, *, last: bool
-    ) -> tuple[web.StreamResponse, _Outcome] | None:
-        """One try on one server; None means: retry elsewhere."""
-        timeout = upstream_timeout(config.timing.request_timeout)
-        headers = forward_headers(request.headers, server.config.api_key, strip_auth=bool(config.router.api_keys))
+        self, request: web.Request, server: Server, plan: Plan, started: float, excluded: set[str], *, last: bool
+    ) -> tuple[web.StreamResponse | None, Outcome]:
+        """One try on one server; no response means: try another."""
+        spare = not last and self._may_retry(plan.model, excluded | {server.url})
         try:
-            upstream = await self.session.request(
-                request.method, server.url + request.path_qs, data=body, headers=headers, timeout=timeout
-            )
-        except CONNECTION_ERRORS as error:
-            self._upstream_failed(server, error)
-            if last:
-                raise ProxyError(502, f"Upstream {server.name} failed: {describe_error(error)}") from None
-            return None
-        try:
-            if upstream.status >= 500:
-                server.stats.errors += 1
-                server.last_error = f"answered {upstream.status}"
-                if not last:
-                    return None
-            return await self._relay(request, upstream, server, started)
-        finally:
-            upstream.close()
-
-    def _upstream_failed(self, server: Server, error: BaseException) -> None:
-        server.stats.errors += 1
-        message = describe_error(error)
-        server.last_error = message
-        refused = isinstance(error, aiohttp.ClientConnectorError)
-        if server.health.failure(message, at_once=refused):
-            self.cluster.emit("down", server, f"down: {message}")
-
-    async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, server: Server, started: float
-    ) -> tuple[web.StreamResponse, _Outcome]:
-        if upstream.content_type != "text/event-stream":
-            payload = await upstream.read()
-            answer = web.Response(status=upstream.status, body=payload, headers=response_headers(upstream.headers))
-            return answer, _Outcome(upstream.status, tokens=_completion_tokens(payload))
-        response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream.headers))
-        outcome = _Outcome(upstream.status, tokens=0)
-        content = upstream.content
-        if not await _send(response, request=request):
-            return response, _Outcome(CLIENT_CLOSED)
-        try:
-            async for chunk in content.iter_any():
-                if outcome.ttft is None:
-                    outcome.ttft = time.perf_counter() - started
-                outcome.tokens += chunk.count(b"data: {")  # type: ignore[operator]
-                last = content.at_eof()  # then the last bytes and the end marker go in one send
-                if not await _send(response, chunk, end=last):
-                    outcome.status = CLIENT_CLOSED  # returning closes the upstream: vLLM aborts
-                    return response, outcome
-                if last:
-                    return response, outcome
-        except (aiohttp.ClientPayloadError, *CONNECTION_ERRORS) as error:
-            self._upstream_failed(server, error)
-            outcome.status = 502
-            await _send(response, sse_error_event(502, f"Upstream {server.name} failed mid-stream: {describe_error(error)}"))
-        await _send(response, end=True)
+            response, outcome = await attempt(self.session, request, server, plan, started, spare=spare)
+        except AttemptFailed as failed:
+            self._count_failure(server, failed.failure)
+            if failed.exclude:
+                excluded.add(server.url)
+            if failed.retry and not last and self._may_retry(plan.model, excluded):
+                return None, Outcome(failed.status)
+            raise ProxyError(failed.status, failed.message) from None
+        if outcome.failure is not None:
+            self._count_failure(server, outcome.failure)
         return response, outcome
 
-    def _record(self, request: web.Request, model: str, server: Server, outcome: _Outcome, started: float, retries: int) -> None:
+    def _may_retry(self, model: str, excluded: set[str]) -> bool:
+        return any(server.url not in excluded for server in self.cluster.routable(model))
+
+    def _count_failure(self, server: Server, failure: Failure) -> None:
+        """A failed try, against its server: its error count, last error and metrics."""
+        server.stats.errors += 1
+        server.last_error = f"{failure.what}: {failure.detail}" if failure.detail else failure.what
+        self.metrics.upstream_errors.labels(server.name, failure.kind).inc()
+        if failure.health and server.health.failure(server.last_error, at_once=failure.at_once):
+            self.cluster.emit("down", server, f"down: {server.last_error}")
+
+    def _record(self, request: web.Request, model: str, server: Server, outcome: Outcome, started: float, retries: int) -> None:
         latency = time.perf_counter() - started
         status = outcome.status  # its errors were counted where they happened
         self.metrics.requests.labels(server.name, model, str(status)).inc()
@@ -326,31 +265,31 @@ class Proxy:
             RequestRecord(time.time(), request.method, request.path, model, server.name, status, latency, outcome.ttft, outcome.tokens, retries)
         )
 
+    def _record_rejection(self, request: web.Request, model: str | None, status: int, started: float) -> None:
+        """A request the router answered itself, with no server: counted as an error."""
+        known = model is not None and bool(self.cluster.serving(model))
+        label = model if known else "-"  # a name a client made up must not become a metric label
+        self.metrics.requests.labels(ROUTER, label, str(status)).inc()
+        self.cluster.rejected += 1
+        shown = (model or "-")[:SHOWN_MODEL_CHARS]
+        latency = time.perf_counter() - started
+        self.cluster.record(RequestRecord(time.time(), request.method, request.path, shown, ROUTER, status, latency, None, None, 0))
 
-async def _send(response: web.StreamResponse, data: bytes = b"", *, end: bool = False, request: web.Request | None = None) -> bool:
-    """Headers (with `request`) or body bytes to the client; False when it has gone.
 
-    Only writes to the client are guarded here, so that a client that left is never
-    mistaken for a failing upstream.
-    """
+def _json_object(body: bytes | bytearray) -> dict[str, Any]:
     try:
-        if request is not None:
-            await response.prepare(request)
-        elif end:
-            await response.write_eof(data)
-        else:
-            await response.write(data)
-    except ConnectionResetError:  # aiohttp's ClientConnectionResetError included
-        return False
-    return True
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ProxyError(400, f"The request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ProxyError(400, "The request body is not valid JSON: it is nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise ProxyError(400, "The request body must be a JSON object")
+    return payload
 
 
-def _completion_tokens(payload: bytes) -> int | None:
-    marker = payload.rfind(b'"completion_tokens"')
-    if marker < 0:
-        return None
-    digits = payload[marker + 19 :].lstrip(b": ")
-    end = 0
-    while end < len(digits) and digits[end : end + 1].isdigit():
-        end += 1
-    return int(digits[:end]) if end else None
+def _json_bytes(payload: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(payload).encode()
+    except (RecursionError, ValueError):
+        raise ProxyError(400, "The request body is not valid JSON: it is nested too deeply") from None

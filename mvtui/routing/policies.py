@@ -7,6 +7,7 @@ counter, and returns the chosen candidate.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable, Protocol, Sequence, TypeVar
 
@@ -38,10 +39,16 @@ def in_flight_score(server: Loaded) -> float:
     return server.in_flight / server.capacity
 
 
+def _rank(score: float) -> float:
+    """A score that is not a number (NaN, an infinity) ranks last, and never breaks a choice."""
+    return score if math.isfinite(score) else math.inf
+
+
 def _lowest(scored: Sequence[tuple[float, T]], rng: random.Random) -> T:
     """The candidate with the lowest score (each scored once, in the candidates' order)."""
-    best = min(score for score, _ in scored)
-    tied = [candidate for score, candidate in scored if score == best]
+    ranked = [(_rank(score), candidate) for score, candidate in scored]
+    best = min(rank for rank, _ in ranked)
+    tied = [candidate for rank, candidate in ranked if rank == best]
     return tied[0] if len(tied) == 1 else rng.choice(tied)
 
 
@@ -66,7 +73,7 @@ def power_of_two(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> 
     if len(candidates) == 1:
         return candidates[0]
     first, second = rng.sample(list(candidates), 2)
-    return first if balanced_score(first) <= balanced_score(second) else second
+    return first if _rank(balanced_score(first)) <= _rank(balanced_score(second)) else second
 
 
 POLICIES: dict[str, Policy] = {

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from contextlib import AbstractAsyncContextManager
 from typing import Callable
 
 from mvtui.cluster.state import ClusterEvent
+from mvtui.event_loop import loop_factory
 from mvtui.runtime.wiring import Services
 
 log = logging.getLogger("mvtui")
 
 SUMMARY_EVERY_S = 30.0
-LOOP_ENV = "MVTUI_LOOP"  # "asyncio" or "uvloop"; unset: uvloop when installed
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 def log_event(event: ClusterEvent) -> None:
@@ -40,9 +38,14 @@ async def _summaries(services: Services, every: float) -> None:
         log.info("%s", summary_line(services))
 
 
+# A closed terminal or session (SIGHUP) stops mvtui as gracefully as SIGTERM: no new
+# requests, those in flight finish, instances stop, the admin file is removed.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-    for number in (signal.SIGINT, signal.SIGTERM):
+    for number in STOP_SIGNALS:
         loop.add_signal_handler(number, stop.set)
 
 
@@ -59,26 +62,6 @@ async def run_headless(open_core: Callable[[], AbstractAsyncContextManager[Servi
         log.info("stopping: no new requests; waiting for %d in flight", services.cluster.summary().in_flight)
     log.info("stopped")
     return 0
-
-
-def loop_factory(choice: str | None = None) -> LoopFactory | None:
-    """uvloop (the optional `fast` extra) when it is installed, unless $MVTUI_LOOP=asyncio.
-
-    uvloop cuts the router's CPU time per request by about a tenth (benchmarks/router_bench.py).
-    None means asyncio's own loop.
-    """
-    choice = (choice if choice is not None else os.environ.get(LOOP_ENV, "")).strip().lower()
-    if choice not in ("", "asyncio", "uvloop"):
-        log.warning("%s=%s is not asyncio or uvloop: ignored", LOOP_ENV, choice)
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            log.warning("%s=uvloop but uvloop is not installed (pip install 'mvtui[fast]'): using asyncio", LOOP_ENV)
-        return None
-    return uvloop.new_event_loop
 
 
 def serve_headless(open_core: Callable[[], AbstractAsyncContextManager[Services]]) -> int:

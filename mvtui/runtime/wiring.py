@@ -1,7 +1,8 @@
-"""Wires mvtui's parts on one event loop: cluster state, poller, proxy and status endpoints.
+"""Wires mvtui's parts on one event loop; nothing but the entry points imports this.
 
 `Services` is an async context manager. `mvtui --no-ui` runs it under asyncio; the Textual
-app starts the same object on its own loop and only reads its state and calls commands.
+app starts the same object on its own loop and only reads state and calls the `Operator`.
+Each part gets only the objects it uses, built here.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from prometheus_client import CollectorRegistry
 from mvtui.admin.server import AdminServer
 from mvtui.cluster.poller import Poller
 from mvtui.cluster.sleep_wake import Controller
-from mvtui.cluster.state import Clock, Cluster
+from mvtui.cluster.state import Clock, Cluster, Server
 from mvtui.config.schema import Config
+from mvtui.control.live_config import LiveConfig
+from mvtui.control.operator import Operator
 from mvtui.control.reloader import ConfigReloader
 from mvtui.errors import ConfigError
 from mvtui.gpu import GpuProbe
 from mvtui.instances.manager import InstanceManager
 from mvtui.paths import AppPaths
 from mvtui.router.endpoints import StatusEndpoints
+from mvtui.router.front_door import FrontDoor
 from mvtui.router.metrics import RouterMetrics
 from mvtui.router.proxy import Proxy
 from mvtui.routing.policies import Chooser
@@ -38,6 +42,7 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024
 # aiohttp's default (128) drops SYNs when hundreds of clients connect at once; each then waits
 # a 1 s retransmit (benchmarks/router_bench.py, c=256). The kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
+CONFIG_SOURCE = "config"  # the `server` field of the cluster events about the config
 
 
 class Services:
@@ -55,30 +60,45 @@ class Services:
         overrides: Callable[[Config], Config] | None = None,
         gpu: GpuProbe | None = None,
     ) -> None:
-        self.config = config
-        self.config_path = config_path
         self.paths = paths or AppPaths.default()
         self.cluster = Cluster(config.timing, clock)
+        self.live = LiveConfig(config, path=config_path, overrides=overrides or _unchanged, emit=self._config_event)
+        self.live.on_change(self.apply_config)
         self.registry = registry or CollectorRegistry()
         self.metrics = RouterMetrics(self.registry, self.cluster)
-        self.chooser = Chooser(config.router.policy, rng)
+        self.chooser = Chooser(self.config.router.policy, rng)
+        self.gpu = gpu if gpu is not None else GpuProbe()  # tests pass a fake pynvml module
         self.session: aiohttp.ClientSession | None = None
         self.poller: Poller | None = None
         self.proxy: Proxy | None = None
         self.router_port: int | None = None
-        self.gpu = gpu if gpu is not None else GpuProbe()  # tests pass a fake pynvml module
         self.control: Controller | None = None
         self.instances: InstanceManager | None = None
+        self._operator: Operator | None = None
         self.admin: AdminServer | None = None
+        self.reloader: ConfigReloader | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
-        # what the command line sets over the file (e.g. --port); applied to every reload
-        self.overrides: Callable[[Config], Config] = overrides or (lambda config: config)
-        self.reloader: ConfigReloader | None = None
-        # the config file's problems while it is broken (the last good config stays in force)
-        self.config_error: ConfigError | None = None
+
+    @property
+    def operator(self) -> Operator | None:
+        """Every operator verb; None until the services have started."""
+        return self._operator
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
+
+    @property
+    def config_path(self) -> Path | None:
+        return self.live.path
+
+    @property
+    def config_error(self) -> ConfigError | None:
+        """The config file's problems while it is broken (the last good config stays in force)."""
+        return self.live.error
 
     @property
     def router_url(self) -> str:
@@ -94,51 +114,49 @@ class Services:
         await self.stop()
 
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(
+        self.session = session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(),  # one upstream's cookies must not reach other clients
         )
         self.cluster.apply(self.config.servers, self.config.timing)
-        self.poller = Poller(self.cluster, self.session, lambda: self.config.timing, self.metrics)
+        self.poller = Poller(self.cluster, session, lambda: self.config.timing, self.metrics.count_poll_error)
         self.poller.reconcile()
         self.spawn(self.poller.run(), "poller")
-        control = self._start_control()
-        self.proxy = Proxy(self.cluster, self.session, lambda: self.config, self.chooser, self.metrics, make_available=control.make_available)
+        control, instances = self._start_control(session)
+        self._operator = Operator(self.cluster, self.live, control, instances)
+        self.proxy = Proxy(self.cluster, session, lambda: self.config, self.chooser, self.metrics, make_available=control.make_available)
         await self._serve()
-        self.admin = AdminServer(self)
+        self.admin = AdminServer(self._operator, self.config.admin, self.paths, session, spawn=self.spawn, router_url=lambda: self.router_url)
         await self.admin.start()
         self.on_stop(self.admin.stop)
-        if self.config_path is not None:
-            self.reloader = ConfigReloader(self, self.config_path)
+        if self.live.path is not None:
+            self.reloader = ConfigReloader(self.live, self.spawn)
             await self.reloader.start()
             self.on_stop(self.reloader.stop)
 
-    def _start_control(self) -> Controller:
+    def _start_control(self, session: aiohttp.ClientSession) -> tuple[Controller, InstanceManager]:
         """Sleep/wake control and local instances; their process groups stop with us."""
         timing = lambda: self.config.timing  # noqa: E731
-        self.control = Controller(self.cluster, self.session, timing, self.cluster.clock)  # type: ignore[arg-type]
-        self.instances = InstanceManager(
-            self.cluster, self.control, self.session, self.paths, timing, self.gpu, self.cluster.clock  # type: ignore[arg-type]
+        control = self.control = Controller(self.cluster, session, timing, self.cluster.clock)
+        instances = self.instances = InstanceManager(
+            self.cluster, control, session, self.paths.instance_logs, timing, self.gpu, self.cluster.clock
         )
-        self.instances.apply(self.config.instances)
-        self.spawn(self.instances.run(), "instances")
-        self.on_stop(self.instances.stop_all)
-        self.on_stop(self.control.close)
-        return self.control
+        control.before_wake = instances.before_wake
+        control.on_demand = instances.demand
+        instances.apply(self.config.instances)
+        self.spawn(instances.run(), "instances")
+        self.on_stop(instances.stop_all)
+        self.on_stop(control.close)
+        return control, instances
 
     async def _serve(self) -> None:
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
-        app.add_routes(self.proxy.routes())  # type: ignore[union-attr]
-        app.add_routes(StatusEndpoints(self.cluster, self.registry).routes())
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=self.config.timing.shutdown_timeout
-        )
-        await self._runner.setup()
-        router = self.config.router
-        self._site = web.TCPSite(self._runner, router.host, router.port, reuse_address=True, backlog=LISTEN_BACKLOG)
-        await self._site.start()
-        self.router_port = self._runner.addresses[0][1]
+        assert self.proxy is not None
+        routes = [*self.proxy.routes(), *StatusEndpoints(self.cluster, self.registry).routes()]
+        door = FrontDoor(lambda: self.config, routes, self.config.timing.shutdown_timeout)
+        await door.start()
+        self._runner, self._site = door.runner, door.site  # stop() stops them in two steps
+        self.router_port = door.port
         log.info("router listening on %s", self.router_url)
 
     def spawn(self, coroutine: Awaitable[None], name: str) -> asyncio.Task[None]:
@@ -158,12 +176,13 @@ class Services:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s stopped: %r", task.get_name(), task.exception(), exc_info=task.exception())
 
-    def apply_config(self, config: Config) -> list[str]:
+    def _config_event(self, kind: str, message: str) -> None:
+        self.cluster.emit(kind, CONFIG_SOURCE, message)
+
+    def apply_config(self, old: Config, config: Config) -> list[str]:
         """Bring a new config into force without a restart; returns notes for the operator."""
         notes: list[str] = []
-        old = self.config
-        self.config = config
-        added = self.cluster.apply(config.servers, config.timing)
+        added: list[Server] = self.cluster.apply(config.servers, config.timing)
         if self.instances is not None:
             notes.extend(self.instances.apply(config.instances))
         if self.poller is not None:
@@ -178,12 +197,6 @@ class Services:
             )
         notes.extend(f"added {server.url}" for server in added)
         return notes
-
-    async def reload_config(self) -> list[str]:
-        """Read the config file now (the `r` key); a broken file is reported, not raised."""
-        if self.reloader is None:
-            return ["running without a config file: nothing to reload"]
-        return await self.reloader.reload(forced=True)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Until nothing is in flight, at most `timeout` seconds."""
@@ -215,3 +228,7 @@ class Services:
         if self.session is not None:
             await self.session.close()
         self._site = self._runner = None
+
+
+def _unchanged(config: Config) -> Config:
+    return config

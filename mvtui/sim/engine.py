@@ -20,7 +20,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from mvtui.sim.config import SimConfig
-from mvtui.sim.metrics import EngineMetrics
+from mvtui.sim.metrics import SimEngineCounters
 
 # Steps are never closer than this: at high token rates each step hands out several tokens.
 MIN_STEP_S = 0.002
@@ -110,7 +110,7 @@ class PrefixCache:
 
 
 class Engine:
-    def __init__(self, config: SimConfig, metrics: EngineMetrics, clock: Callable[[], float]) -> None:
+    def __init__(self, config: SimConfig, metrics: SimEngineCounters, clock: Callable[[], float]) -> None:
         self._config = config
         self._metrics = metrics
         self._clock = clock

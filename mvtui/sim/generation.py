@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,6 +69,8 @@ class GenerationRoutes:
                         format_class: type[GenerationFormat]) -> web.StreamResponse:
         runtime = self._runtime
         runtime.counters.received += 1
+        if runtime.faults.redirect_to is not None:
+            raise web.HTTPTemporaryRedirect(runtime.faults.redirect_to)
         body = await read_json(request)
         model = runtime.resolve_model(body.get("model"))
         generation = parser(body, runtime.config, model)
@@ -122,7 +126,26 @@ class GenerationRoutes:
         if seq.finish_reason == "abort":
             raise ApiError(500, "the engine aborted the request")
         text_out = text.words_text(seq.words[: seq.visible])
-        return web.json_response(output.body(text_out, seq.end_reason, self._usage(seq)))
+        payload = output.body(text_out, seq.end_reason, self._usage(seq))
+        faults = self._runtime.faults
+        if faults.pad_answer_bytes:  # first, so that the usage stays at the end as vLLM has it
+            payload = {"padding": "x" * faults.pad_answer_bytes, **payload}
+        if faults.cut_body or faults.stall_body:
+            return await self._broken_body(request, json.dumps(payload).encode(), cut=faults.cut_body)
+        return web.json_response(payload)
+
+    async def _broken_body(self, request: web.Request, body: bytes, *, cut: bool) -> web.StreamResponse:
+        """The cut_body and stall_body faults: headers and the first half of the body, then
+        the connection closes, or nothing more comes until the client gives up."""
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        if cut:
+            return self._cut(request, response)
+        self._runtime.counters.hung += 1
+        await asyncio.get_running_loop().create_future()
+        return response
 
     def _cut(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         """The cut_after_tokens fault: what was written is flushed, then the socket closes."""

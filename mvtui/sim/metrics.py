@@ -10,7 +10,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -18,7 +18,6 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from mvtui.sim.config import SimConfig
-    from mvtui.sim.engine import Sequence
 
 # Bucket bounds as vLLM defines them (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -66,8 +65,23 @@ class Histogram:
         return buckets
 
 
-class EngineMetrics:
-    """Counters and histograms the engine updates as requests move through it."""
+class CountedRequest(Protocol):
+    """What the counters read of one request (the engine's Sequence)."""
+
+    arrival: float
+    prompt_tokens: int
+    cached_tokens: int
+    generated: int
+    max_tokens: int
+    scheduled_at: float | None
+    first_token_at: float | None
+    finished_at: float | None
+    finish_reason: str | None
+
+
+class SimEngineCounters:
+    """Counters and histograms the simulated engine updates as requests move through it (what
+    its /metrics reports; the router's view of a server is mvtui.cluster.state.EngineMetrics)."""
 
     def __init__(self, max_model_len: int) -> None:
         self.created = time.time()
@@ -90,13 +104,13 @@ class EngineMetrics:
         self.request_max_tokens = Histogram(token_buckets)
         self.iteration_tokens = Histogram(one_two_five_buckets(max(8192, max_model_len)))
 
-    def on_scheduled(self, seq: Sequence, now: float) -> None:
+    def on_scheduled(self, seq: CountedRequest, now: float) -> None:
         self.queue_time.observe(now - seq.arrival)
         self.prompt_tokens += seq.prompt_tokens
         self.prefix_queries += seq.prompt_tokens
         self.prefix_hits += seq.cached_tokens
 
-    def on_finished(self, seq: Sequence) -> None:
+    def on_finished(self, seq: CountedRequest) -> None:
         assert seq.finish_reason is not None and seq.finished_at is not None
         self.finished[seq.finish_reason] = self.finished.get(seq.finish_reason, 0) + 1
         if seq.finish_reason == "abort":
@@ -123,7 +137,7 @@ class LiveGauges:
 
 
 class SimCollector(Collector):
-    def __init__(self, config: SimConfig, metrics: EngineMetrics, read_gauges: Callable[[], LiveGauges]) -> None:
+    def __init__(self, config: SimConfig, metrics: SimEngineCounters, read_gauges: Callable[[], LiveGauges]) -> None:
         self._config = config
         self._metrics = metrics
         self._read_gauges = read_gauges

@@ -12,7 +12,7 @@ from aiohttp import web
 from mvtui.openai_errors import error_response
 from mvtui.sim.config import SimConfig
 from mvtui.sim.engine import Engine
-from mvtui.sim.metrics import EngineMetrics, LiveGauges
+from mvtui.sim.metrics import LiveGauges, SimEngineCounters
 from mvtui.sim.sleep import SleepController
 from mvtui.sim.state import Faults, RequestCounters, SimStats
 
@@ -35,7 +35,7 @@ class Runtime:
     config: SimConfig
     engine: Engine
     sleep: SleepController
-    metrics: EngineMetrics
+    metrics: SimEngineCounters
     faults: Faults
     counters: RequestCounters = field(default_factory=RequestCounters)
     text_rng: random.Random = field(default_factory=random.Random)
@@ -44,7 +44,7 @@ class Runtime:
 
     @classmethod
     def create(cls, config: SimConfig) -> Runtime:
-        metrics = EngineMetrics(config.max_model_len)
+        metrics = SimEngineCounters(config.max_model_len)
         engine = Engine(config, metrics, time.monotonic)
         return cls(
             config=config,

@@ -19,6 +19,10 @@ class Faults:
     slow: float = 1.0  # multiplies prefill and per-token time
     cut_after_tokens: int | None = None  # drop the connection once N tokens went out
     dead: bool = False  # /health answers 503, inference requests 500
+    cut_body: bool = False  # non-streamed answers: headers and half the body, then the connection closes
+    stall_body: bool = False  # non-streamed answers: headers and half the body, then silence
+    redirect_to: str | None = None  # inference requests answered 307 to this URL (its own: a loop)
+    pad_answer_bytes: int = 0  # non-streamed answers carry this many more bytes (a huge answer)
 
     @classmethod
     def from_config(cls, config: SimConfig) -> Faults:
@@ -41,7 +45,15 @@ class Faults:
 
 
 def _checked(name: str, value: Any) -> Any:
-    if name in ("hang", "dead"):
+    if name == "redirect_to":
+        if value is None or isinstance(value, str):
+            return value
+        raise FaultUpdateError("redirect_to must be a URL or null")
+    if name == "pad_answer_bytes":
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise FaultUpdateError("pad_answer_bytes must be a non-negative integer")
+    if name in ("hang", "dead", "cut_body", "stall_body"):
         if not isinstance(value, bool):
             raise FaultUpdateError(f"{name} must be true or false")
         return value

@@ -25,26 +25,38 @@ from textual.markup import escape
 from textual.widgets import Input, Static
 
 from mvtui.cluster.state import ClusterEvent, ClusterSummary, RequestRecord, Server
-from mvtui.control import commands
+from mvtui.config.starter import example_file
+from mvtui import keymap
+from mvtui.errors import CommandError
 from mvtui.gpu import Gpu, GpuSampler
 from mvtui.paths import AppPaths
-from mvtui.runtime.headless import loop_factory
-from mvtui.runtime.wiring import Services
-from mvtui.ui import panels, themes
-from mvtui.ui.actions import ALWAYS, CoreActions
+from mvtui.ui import key_reasons, panels, themes
+from mvtui.ui.actions import CoreActions
+from mvtui.ui.core import Core, CoreFactory
 from mvtui.ui.screens import AddServerScreen, ConfirmScreen, HelpScreen, InstanceLogScreen, SleepScreen, help_text
 from mvtui.ui.widgets import ClusterBar, EventsPane, GpuPane, KeyBar, RequestsPane, ServerPane
 
 log = logging.getLogger(__name__)
 
-CoreFactory = Callable[[], contextlib.AbstractAsyncContextManager[Services]]
 MAX_FRAMES_PER_S = 4.0
 DETAIL_MIN_WIDTH = 120
 DETAIL_PANE_HEIGHT = 9  # seven lines and the border
 RESERVED_ROWS = 12  # cluster line, GPU pane, some log, keys
 DETAIL_COLUMN_WIDTH = 64
 WIDE_LOGS_MIN_WIDTH = 120
-KEY_LABELS = {"slash": "/", "question_mark": "?", "plus": "+", "minus": "-", "delete": "del"}
+REMOVE_ANSWERS = (("y", "remove it until mvtui restarts"), ("Y", "remove it and delete it from the config file"), ("n", "keep it (Esc too)"))
+
+
+def bindings(actions: Sequence[keymap.KeyAction]) -> list[Binding]:
+    """Textual's bindings for the keymap, with its ids, so `[ui.keys]` can rebind them; an
+    action's alternate (undrain) shares its keys and id."""
+    found: list[Binding] = []
+    for action in actions:
+        keys = ",".join(action.keys)
+        found.append(Binding(keys, action.action, action.label, show=False, id=action.id))
+        if action.alternate:
+            found.append(Binding(keys, action.alternate, action.alternate, show=False, id=action.id))
+    return found
 
 
 class Dashboard(App[None]):
@@ -52,29 +64,7 @@ class Dashboard(App[None]):
     TITLE = "mvtui"
     ENABLE_COMMAND_PALETTE = False
     AUTO_FOCUS = None  # keys belong to the dashboard; only `/` gives the filter focus
-    BINDINGS = [
-        Binding("up,k", "select(-1)", "select", show=False),
-        Binding("down,j", "select(1)", "select", show=False),
-        Binding("left", "select(-1)", "select", show=False),
-        Binding("right", "select(1)", "select", show=False),
-        Binding("d", "drain", "drain", id="drain"),
-        Binding("d", "undrain", "undrain", id="undrain"),
-        Binding("s", "sleep", "sleep", id="sleep"),
-        Binding("w", "wake", "wake", id="wake"),
-        Binding("S", "start", "start", id="start"),
-        Binding("X", "stop", "stop", id="stop"),
-        Binding("plus", "capacity(1)", "+cap", id="capacity_up"),
-        Binding("minus", "capacity(-1)", "-cap", id="capacity_down"),
-        Binding("a", "add_server", "add", id="add_server"),
-        Binding("delete", "remove_server", "remove", id="remove_server"),
-        Binding("r", "reload", "reload", id="reload"),
-        Binding("l", "instance_log", "log", id="log"),
-        Binding("R", "toggle_requests", "requests", id="requests"),
-        Binding("slash", "filter", "filter", id="filter"),
-        Binding("t", "cycle_theme", "theme", id="theme"),
-        Binding("question_mark", "help", "help", id="help"),
-        Binding("q", "quit", "quit", id="quit"),
-    ]
+    BINDINGS = bindings(keymap.ACTIONS)
 
     def __init__(
         self,
@@ -88,7 +78,7 @@ class Dashboard(App[None]):
         super().__init__()
         self.open_core = open_core
         self.paths = paths
-        self.services: Services | None = None
+        self.core: Core | None = None
         self.core_actions: CoreActions | None = None
         self.gpu: GpuSampler | None = None  # the core's GPU probe, sampled once it is up
         self.refresh_per_s = refresh_per_s
@@ -109,6 +99,8 @@ class Dashboard(App[None]):
         self._user_themes = user_themes
         self._remembered: str | None = None  # the theme the user last chose with `t`
         self._ui_up = False
+        self.keys = keymap.resolve({})  # every action's keys, with the user's [ui.keys]
+        self._user_keys: keymap.UserKeys = ()
 
     # --- layout -------------------------------------------------------------------------
 
@@ -164,7 +156,7 @@ class Dashboard(App[None]):
         self._ui_up = False
         self._stop_requested.set()
         if self._core_task is not None and not self._core_task.done():
-            limit = self.services.config.timing.shutdown_timeout + 5 if self.services else 15
+            limit = self.core.config.timing.shutdown_timeout + 5 if self.core else 15
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._core_task), limit)
 
@@ -172,8 +164,8 @@ class Dashboard(App[None]):
 
     async def _run_core(self) -> None:
         try:
-            async with self.open_core() as services:
-                self._core_started(services)
+            async with self.open_core() as core:
+                self._core_started(core)
                 await self._stop_requested.wait()
                 self.stopping = True
                 self.tick()
@@ -184,20 +176,20 @@ class Dashboard(App[None]):
             failure = self.core_failure
             self.exit(return_code=1 if failure else 0, message=f"mvtui: {failure}" if failure else None)
 
-    def _core_started(self, services: Services) -> None:
-        self.services = services
-        self.core_actions = CoreActions(services)
-        self.gpu = GpuSampler(services.gpu)
+    def _core_started(self, core: Core) -> None:
+        self.core = core
+        self.core_actions = CoreActions(core)
+        self.gpu = GpuSampler(core.gpu)
         self.run_worker(self.gpu.run(), name="gpu sampler", group="gpu")
-        self.events = services.cluster.events
+        self.events = core.cluster.events
         self._events_pane.events = self.events
-        rate = self.refresh_per_s or services.config.ui.refresh_per_s
+        rate = self.refresh_per_s or core.config.ui.refresh_per_s
         self.set_interval(1.0 / min(MAX_FRAMES_PER_S, max(0.2, rate)), self.tick, name="dashboard refresh")
-        if self._remembered is None and services.config.ui.theme in self.available_themes:
-            self.theme = services.config.ui.theme
+        if self._remembered is None and core.config.ui.theme in self.available_themes:
+            self.theme = core.config.ui.theme
         self.core_ready.set()
         self.tick()
-        log.info("dashboard up; router on %s", services.router_url)
+        log.info("dashboard up; router on %s", core.router_url)
 
     async def settled(self) -> None:
         """Until the core is up and the first GPU reading is in (tests, screenshots)."""
@@ -216,7 +208,7 @@ class Dashboard(App[None]):
             await laid_out.wait()
 
     def _request_log(self) -> Sequence[RequestRecord]:
-        return self.services.cluster.request_log if self.services else ()
+        return self.core.cluster.request_log if self.core else ()
 
     # --- the throttled tick: the only place widgets are repainted -----------------------
 
@@ -225,18 +217,27 @@ class Dashboard(App[None]):
             return
         palette = self._palette
         bar = self._bar
-        services = self.services
-        if services is None:
+        core = self.core
+        if core is None:
             note = "starting the core…"
             bar.set_text(panels.cluster_line(_EMPTY_SUMMARY, None, palette, self.size.width - 2, note))
         else:
-            summary = services.cluster.summary()
-            router = services.router_url if services.router_port is not None else None
+            summary = core.cluster.summary()
+            router = core.router_url if core.router_port is not None else None
             bar.set_text(panels.cluster_line(summary, router, palette, self.size.width - 2, self._note(summary.in_flight)))
+            self._apply_keys(core.config.ui.keys)
             self._show_servers(palette)
         self._gpu_pane.show(self.gpu.latest if self.gpu else None, palette, self._gpu_owners)
         self._show_logs(palette)
         self._refresh_keys(palette)
+
+    def _apply_keys(self, user: keymap.UserKeys) -> None:
+        """The config's [ui.keys] over the defaults: at start, and again when a reload changes them."""
+        if user == self._user_keys:
+            return
+        self._user_keys = user
+        self.keys = keymap.resolve(dict(user))
+        self.set_keymap({action: ",".join(keys) for action, keys in user})
 
     @property
     def wide(self) -> bool:
@@ -265,9 +266,9 @@ class Dashboard(App[None]):
         return ""
 
     def visible_servers(self) -> list[Server]:
-        if self.services is None:
+        if self.core is None:
             return []
-        servers = list(self.services.cluster)
+        servers = list(self.core.cluster)
         needle = self.filter_text.strip().lower()
         if needle:
             servers = [server for server in servers if needle in _search_text(server)]
@@ -301,13 +302,14 @@ class Dashboard(App[None]):
     def _show_empty_hint(self) -> None:
         """With no server at all, say how to get one instead of showing a blank screen."""
         hint = self._empty_hint
-        empty = self.services is not None and len(self.services.cluster) == 0
+        empty = self.core is not None and len(self.core.cluster) == 0
         hint.display = empty
         if empty:
-            where = self.services.config_path or self.paths.default_config  # type: ignore[union-attr]
+            where = self.core.config_path or self.paths.default_config  # type: ignore[union-attr]
             hint.update(
                 f"No servers yet. Press [b]a[/b] to add one, list them in [b]{escape(str(where))}[/b] "
-                "(servers.example.toml shows every option), or try [b]mvtui --demo[/b]."
+                f"([b]mvtui init[/b] writes a starter; every option: {escape(str(example_file()))}), "
+                "or try [b]mvtui --demo[/b]."
             )
 
     def _sync_panes(self, servers: list[Server]) -> None:
@@ -330,9 +332,9 @@ class Dashboard(App[None]):
 
     @property
     def selected_server(self) -> Server | None:
-        if self.services is None or self.selected is None:
+        if self.core is None or self.selected is None:
             return None
-        server = self.services.cluster.servers.get(self.selected)
+        server = self.core.cluster.servers.get(self.selected)
         return server if server is not None and server.url in self._panes else None
 
     def action_select(self, step: int) -> None:
@@ -345,21 +347,26 @@ class Dashboard(App[None]):
         self._panes[self.selected].scroll_visible(animate=False)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ALWAYS:
+        if action in keymap.ALWAYS:
             return True
         if self.core_actions is None:
             return False if action == "undrain" else None
         return self.core_actions.applies(action, self.selected_server)
 
     def key_states(self) -> list[tuple[str, str, bool]]:
-        """(key, description, enabled) for the key bar; keys hidden by check_action left out."""
+        """(key, label, enabled) for the footer, from the keymap with the user's keys; actions
+        that check_action hides (drain on a drained server) left out."""
         states = []
-        for binding in self.BINDINGS:
-            if not isinstance(binding, Binding) or not binding.show:
-                continue
-            state = self.check_action(binding.action.split("(")[0], ())  # "capacity(1)" -> "capacity"
-            if state is not False:
-                states.append((KEY_LABELS.get(binding.key, binding.key), binding.description, bool(state)))
+        for action in keymap.ACTIONS:
+            if action.footer:
+                key = keymap.key_label(self.keys[action.id][0])
+                states += [(key, label, bool(state)) for label, state in self._footer_states(action) if state is not False]
+        return states
+
+    def _footer_states(self, action: keymap.KeyAction) -> list[tuple[str, bool | None]]:
+        states = [(action.label, self.check_action(action.method, ()))]
+        if action.alternate:
+            states.append((action.alternate, self.check_action(action.alternate, ())))
         return states
 
     def _refresh_keys(self, palette: panels.Palette) -> None:
@@ -377,7 +384,7 @@ class Dashboard(App[None]):
             result = command()
             if asyncio.iscoroutine(result):
                 result = await result
-        except commands.CommandError as error:
+        except CommandError as error:
             self.notify(str(error), title=what, severity="error")
         else:
             if isinstance(result, str) and result:
@@ -393,6 +400,12 @@ class Dashboard(App[None]):
         server = self.selected_server
         if server is not None and self.core_actions is not None:
             await self._run_command("undrain", lambda: self.core_actions.undrain(server))  # type: ignore[union-attr]
+
+    def action_drain_save(self) -> None:
+        self._background("drain and save", lambda actions, server: actions.drain_save(server))
+
+    def action_save(self) -> None:
+        self._background("save", lambda actions, server: actions.save(server))
 
     def action_sleep(self) -> None:
         server = self.selected_server
@@ -425,11 +438,13 @@ class Dashboard(App[None]):
         if server is None or actions is None:
             return
 
-        def chosen(yes: bool | None) -> None:
-            if yes:
-                self.run_worker(self._run_command("remove server", lambda: actions.remove_server(server)), group="commands")
+        def chosen(answer: str | None) -> None:
+            if answer in ("y", "Y"):
+                call = lambda: actions.remove_server(server, persist=answer == "Y")  # noqa: E731
+                self.run_worker(self._run_command("remove server", call), group="commands")
 
-        self.push_screen(ConfirmScreen(f"Remove [b]{server.name}[/b] ({server.url}) from the cluster and the config file?"), chosen)
+        question = f"Remove [b]{escape(server.name)}[/b] ({escape(server.display_url)})? Requests in flight finish first."
+        self.push_screen(ConfirmScreen(question, REMOVE_ANSWERS), chosen)
 
     def action_wake(self) -> None:
         self._background("wake", lambda actions, server: actions.wake(server))
@@ -481,18 +496,38 @@ class Dashboard(App[None]):
         self._show_filter(bool(event.value))
         self.set_focus(None)
 
-    def on_key(self, event: Key) -> None:
+    def action_clear_filter(self) -> None:
+        """Esc: clear the filter, while typing it or once kept."""
         field = self._filter_field
-        if event.key == "escape" and field.has_focus:
-            field.value = ""
-            self._show_filter(False)
-            self.filter_text = ""
-            self.set_focus(None)
-            event.stop()
-            self.tick()
+        if not (field.display or self.filter_text):
+            return
+        field.value = ""
+        self._show_filter(False)
+        self.filter_text = ""
+        self.set_focus(None)
+        self.tick()
+
+    def on_key(self, event: Key) -> None:
+        """A greyed-out key says why instead of doing nothing (this runs before its binding,
+        which will not run)."""
+        active = self.screen.active_bindings.get(event.key)
+        if active is None or active.enabled or active.binding.id not in keymap.BY_ID:
+            return
+        reason = key_reasons.why_greyed(active.binding.action.split("(")[0], self.selected_server, self._facts())
+        self.notify(escape(reason), title=active.binding.description, timeout=4)
+
+    def _facts(self) -> key_reasons.Facts:
+        core, actions, server = self.core, self.core_actions, self.selected_server
+        return key_reasons.Facts(
+            core_up=core is not None and actions is not None,
+            config_file=core is not None and core.config_path is not None,
+            sleep_wake=core is not None and core.operator is not None,
+            instance=actions.instance(server) if actions is not None and server is not None else None,
+        )
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(help_text(self._palette, self.paths.themes_dir, self.paths.log_dir / "mvtui.log")))
+        rows = [(keymap.keys_label(self.keys[action.id]), action.help) for action in keymap.ACTIONS]
+        self.push_screen(HelpScreen(help_text(rows, self._palette, self.paths.themes_dir, self.paths.log_dir / "mvtui.log")))
 
     async def action_quit(self) -> None:
         """Stop taking requests, let those in flight finish (the screen says so), then exit."""
@@ -552,15 +587,15 @@ def create_app(
     handle_signals: bool = False,
     user_themes: bool = True,
 ) -> Dashboard:
-    """The dashboard over the core `open_core` yields (tests hand it frozen Services whose
+    """The dashboard over the core `open_core` yields (tests hand it a frozen core whose
     GPU probe wraps a fake pynvml); `user_themes=False` ignores the user's theme folder."""
     return Dashboard(open_core, paths, refresh_per_s=refresh_per_s, handle_signals=handle_signals, user_themes=user_themes)
 
 
-def run_dashboard(factory: CoreFactory, paths: AppPaths) -> int:
-    """`mvtui`: the dashboard in this terminal until the user quits; the exit status."""
+def run_dashboard(factory: CoreFactory, paths: AppPaths, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> int:
+    """`mvtui`: the dashboard in this terminal until the user quits; the exit status.
+    `loop_factory`: the same loop as `--no-ui` (see mvtui.event_loop)."""
     app = create_app(factory, paths, handle_signals=True)
-    # The same loop as `--no-ui` (uvloop when installed, unless $MVTUI_LOOP=asyncio).
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(app.run_async())
     return app.return_code or 0

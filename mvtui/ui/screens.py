@@ -1,40 +1,26 @@
-"""Modal screens: help, the sleep level question, an instance's log."""
+"""Modal screens: help, the sleep level question, a confirmation, an instance's log."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Sequence
 
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
+from textual.events import Key
 from textual.markup import escape
 from textual.screen import ModalScreen
 from textual.widgets import Input, Log, Static
 
 from mvtui.ui import panels
 
-KEYS = (
-    ("↑ ↓  j k", "select a server (← → in the grid)"),
-    ("d", "drain: no new requests, those in flight finish; again to undrain (kept in the config file)"),
-    ("+ -", "raise or lower the server's capacity (max_concurrent_requests, written to the config file)"),
-    ("a", "add a server (written to the config file)"),
-    ("del", "remove the server: those in flight finish first (and from the config file)"),
-    ("s", "sleep the server (asks level 1 or 2)"),
-    ("w", "wake a sleeping server"),
-    ("S", "start a managed instance"),
-    ("X", "stop a managed instance"),
-    ("r", "reload the config file now"),
-    ("l", "the selected instance's log"),
-    ("R", "show or hide the request log (beside the events when wide)"),
-    ("/", "filter servers by name, URL, model or state (Esc clears)"),
-    ("t", "next theme (remembered)"),
-    ("?", "this help"),
-    ("q", "quit: stop taking requests, let those in flight finish"),
-)
+HELP_FRAME = 7  # border, padding and the scroll bar around the help text
 STATES = (
     ("up", "healthy and taking requests"),
     ("down", "not answering /health"),
@@ -46,15 +32,17 @@ STATES = (
     ("starting", "a managed instance booting"),
     ("stopped", "a managed instance not running"),
     ("error", "a managed instance that failed"),
+    ("removing", "removed: requests in flight finish, then it goes"),
 )
 
 
-def help_text(palette: panels.Palette, themes_dir: Path, log_file: Path) -> Table:
+def help_text(keys: Sequence[tuple[str, str]], palette: panels.Palette, themes_dir: Path, log_file: Path) -> Table:
+    """The help screen's text: `keys` are (keys, what they do) rows, from the keymap."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(no_wrap=True, style=f"bold {palette.accent}")
     grid.add_column()
-    for key, meaning in KEYS:
-        grid.add_row(key, meaning)
+    for key, meaning in keys:
+        grid.add_row(Text(key), Text(meaning))
     grid.add_row("", "")
     for state, meaning in STATES:
         grid.add_row(panels.state_label(state, palette), Text(meaning, style=palette.text))
@@ -65,18 +53,32 @@ def help_text(palette: panels.Palette, themes_dir: Path, log_file: Path) -> Tabl
 
 
 class HelpScreen(ModalScreen[None]):
-    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "close")]
+    """The keys, the state legend and where things are; scrolls when the terminal is small."""
+
+    BINDINGS = [
+        Binding("escape,question_mark,q", "dismiss", "close"),
+        Binding("j", "scroll(1)", "down", show=False),
+        Binding("k", "scroll(-1)", "up", show=False),
+    ]
 
     def __init__(self, content: Table) -> None:
         super().__init__()
         self.content = content
 
     def compose(self) -> ComposeResult:
-        yield Static(self.content, id="help-box", classes="dialog")
+        with VerticalScroll(id="help-box", classes="dialog"):
+            yield Static(self.content)
 
     def on_mount(self) -> None:
-        self.query_one("#help-box").border_title = "mvtui keys"
-        self.query_one("#help-box").border_subtitle = "Esc to close"
+        box = self.query_one("#help-box", VerticalScroll)
+        # a scrolling box cannot size itself to its content: as wide as the text (max-width caps it)
+        box.styles.width = Measurement.get(self.app.console, self.app.console.options, self.content).maximum + HELP_FRAME
+        box.border_title = "mvtui keys"
+        box.border_subtitle = "↑ ↓ PgUp PgDn scroll · Esc closes"
+        box.focus()
+
+    def action_scroll(self, lines: int) -> None:
+        self.query_one("#help-box", VerticalScroll).scroll_relative(y=lines, animate=False)
 
 
 class SleepScreen(ModalScreen[int | None]):
@@ -138,20 +140,25 @@ class AddServerScreen(ModalScreen[tuple[str, int] | None]):
         self.dismiss(None)
 
 
-class ConfirmScreen(ModalScreen[bool]):
-    """A yes/no question; dismisses with True for y."""
+class ConfirmScreen(ModalScreen[str | None]):
+    """A question with one-key answers (case counts: y and Y differ); dismisses with the
+    answer's key, or None for Esc."""
 
-    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
+    BINDINGS = [Binding("escape", "dismiss(None)", "cancel")]
 
-    def __init__(self, question: str) -> None:
+    def __init__(self, question: str, answers: Sequence[tuple[str, str]] = (("y", "yes"), ("n", "no"))) -> None:
         super().__init__()
         self.question = question
+        self.answers = dict(answers)
 
     def compose(self) -> ComposeResult:
-        yield Static(f"{self.question}\n\n[b]y[/b] yes   [b]n[/b] no", id="confirm-box", classes="dialog")
+        lines = [f"[b]{escape(key)}[/b]  {escape(meaning)}" for key, meaning in self.answers.items()]
+        yield Static("\n".join([self.question, "", *lines]), id="confirm-box", classes="dialog")
 
-    def action_answer(self, yes: bool) -> None:
-        self.dismiss(yes)
+    def on_key(self, event: Key) -> None:
+        if event.character is not None and event.character in self.answers:
+            event.stop()
+            self.dismiss(event.character)
 
 
 class InstanceLogScreen(ModalScreen[None]):

@@ -1,8 +1,9 @@
 """Themes are TOML files turned into Textual themes.
 
-mvtui ships a few in the package (`mvtui/themes/*.toml`); users drop their own into
-`<config dir>/themes/`. A file that does not parse or names an unknown colour is reported
-as a problem (shown to the user as a notification) and skipped: it never stops the app.
+mvtui ships a few (`themes/*.toml` at the repository root, packaged as `mvtui.themes`);
+users drop their own into `<config dir>/themes/`. A file that does not parse or names an
+unknown colour is reported as a problem (shown to the user as a notification) and skipped:
+it never stops the app.
 
 A theme file:
 
@@ -31,6 +32,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -104,11 +106,23 @@ def _color_problem(key: str, value: Any) -> str | None:
     return None
 
 
+SOURCE_TREE_THEMES = Path(__file__).resolve().parents[2] / "themes"
+
+
+def shipped_themes_folder() -> Traversable:
+    """The shipped themes: package `mvtui.themes`, which is `themes/` at the repository root
+    (pyproject.toml maps it); from a source tree that is not installed, that folder itself."""
+    try:
+        return resources.files("mvtui.themes")
+    except ModuleNotFoundError:
+        return SOURCE_TREE_THEMES
+
+
 def shipped_theme_files() -> list[tuple[str, str]]:
-    """(source, text) of each theme in the package, sorted by file name."""
-    folder = resources.files("mvtui").joinpath("themes")
+    """(source, text) of each shipped theme, sorted by file name."""
+    folder = shipped_themes_folder()
     found = [entry for entry in folder.iterdir() if entry.name.endswith(".toml")] if folder.is_dir() else []
-    return [(f"mvtui/themes/{entry.name}", entry.read_text(encoding="utf-8")) for entry in sorted(found, key=lambda entry: entry.name)]
+    return [(f"themes/{entry.name}", entry.read_text(encoding="utf-8")) for entry in sorted(found, key=lambda entry: entry.name)]
 
 
 def user_theme_files(folder: Path) -> tuple[list[tuple[str, str]], list[ThemeProblem]]:

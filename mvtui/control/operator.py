@@ -1,0 +1,210 @@
+"""Every operator verb, in one place. The dashboard's keys, the admin API (and so the CLI)
+call these; none of them changes the cluster any other way.
+
+One rule for every front end: a drain, an undrain, a capacity change or a removal is live
+at once and lasts until mvtui stops (through reloads of the file too); `persist` writes it
+to the config file instead, where it survives a restart. Adding a server writes it to the
+file (live only when there is no file). Sleep and wake act on the server itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import tomlkit
+
+from mvtui.cluster.sleep_wake import Controller
+from mvtui.cluster.state import Cluster, Server
+from mvtui.config.edit import Change, set_server_value, unset_server_value
+from mvtui.config.edit import add_server as add_server_entry
+from mvtui.config.edit import remove_server as remove_server_entry
+from mvtui.config.schema import ServerConfig, parse_config
+from mvtui.control.live_config import LiveConfig
+from mvtui.control.overlay import Overlay
+from mvtui.errors import CommandError, ConfigEditError, ConfigError
+from mvtui.instances.manager import Instance, InstanceManager
+
+NO_FILE = "not saved: running without a config file"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a verb did, for the operator."""
+
+    name: str
+    url: str
+    message: str
+    saved_to: Path | None = None  # None: live only
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "url": self.url, "message": self.message, "saved_to": str(self.saved_to) if self.saved_to else None}
+
+
+class Operator:
+    def __init__(self, cluster: Cluster, live: LiveConfig, sleep_wake: Controller, instances: InstanceManager) -> None:
+        self.cluster = cluster
+        self.live = live
+        self.sleep_wake = sleep_wake
+        self.instances = instances
+
+    def find(self, key: str) -> Server:
+        """The one finder: by name, URL or host:port. UnknownServer lists the others."""
+        return self.cluster.require(key)
+
+    # --- drain, capacity, removal: live, or written to the file with persist ---------------
+
+    async def drain(self, key: str, *, persist: bool = False) -> Outcome:
+        """No new requests; those in flight finish (the state reads draining, then drained)."""
+        return await self._set_drain(self.find(key), True, persist)
+
+    async def undrain(self, key: str, *, persist: bool = False) -> Outcome:
+        return await self._set_drain(self.find(key), False, persist)
+
+    async def _set_drain(self, server: Server, drained: bool, persist: bool) -> Outcome:
+        said = f"{server.name}: {'draining, ' + str(server.in_flight) + ' in flight' if drained else 'taking requests again'}"
+        if server.lifecycle is not None:  # a local instance: not a [servers] entry
+            if persist:
+                raise CommandError(f"{server.name} is a managed instance: its drain lasts until it stops and is not saved")
+            if server.drain != drained:
+                server.drain = drained
+                self.cluster.emit("drain" if drained else "undrain", server, said)
+            return Outcome(server.name, server.url, said)
+        self._configured(server)
+        if server.drain != drained:
+            self.cluster.emit("drain" if drained else "undrain", server, said)
+        if persist:
+            change = set_server_value(server.url, "drain", True) if drained else unset_server_value(server.url, "drain", False)
+            return await self._save(server, said, change, lambda overlay: overlay.forget(server.url, "drain"))
+        self.live.change(lambda overlay: overlay.set(server.url, "drain", drained))
+        return self._live(server, said)
+
+    async def set_capacity(self, key: str, max_concurrent_requests: int, *, persist: bool = False) -> Outcome:
+        """How many requests at once the router lets the server have (its weight in routing)."""
+        server = self._configured(self.find(key))
+        capacity = _capacity(max_concurrent_requests)
+        said = f"{server.name}: capacity {server.capacity} -> {capacity}"
+        if persist:
+            change = set_server_value(server.url, "max_concurrent_requests", capacity)
+            return await self._save(server, said, change, lambda overlay: overlay.forget(server.url, "max_concurrent_requests"))
+        self.live.change(lambda overlay: overlay.set(server.url, "max_concurrent_requests", capacity))
+        return self._live(server, said)
+
+    async def remove_server(self, key: str, *, persist: bool = False) -> Outcome:
+        """No new requests for it; those in flight finish, then it goes."""
+        server = self._configured(self.find(key))
+        said = f"removing {server.name}: {server.in_flight} requests in flight finish first"
+        if persist and server.url in self.live.overlay.added:
+            persist = False  # it was never in the file
+        if persist:
+            return await self._save(server, said, remove_server_entry(server.url), lambda overlay: overlay.forget(server.url))
+        self.live.change(lambda overlay: _remove(overlay, server.url))
+        return self._live(server, said)
+
+    async def save(self, key: str) -> Outcome:
+        """Write the server's live drain and capacity to the config file."""
+        server = self._configured(self.find(key))
+        live = self.live.overlay.changes_for(server.url)
+        if not live:
+            return Outcome(server.name, server.url, f"{server.name}: nothing to save (the file already says this)", self.live.path)
+        said = f"{server.name}: saved " + ", ".join(_describe(name, value) for name, value in live.items())
+
+        def change(document: Any) -> None:
+            for name, value in live.items():
+                (set_server_value(server.url, name, value) if value is not False else unset_server_value(server.url, name, False))(document)
+
+        return await self._save(server, said, change, lambda overlay: overlay.forget(server.url, None))
+
+    async def add_server(
+        self, url: str, *, max_concurrent_requests: int = 8, name: str = "", api_key: str | None = None, models: Sequence[str] = ()
+    ) -> Outcome:
+        """A new server, written to the config file: polled at once, given requests once it answers /health."""
+        config = _parsed_server({"url": url, "max_concurrent_requests": max_concurrent_requests, "name": name, "api_key": api_key, "models": models})
+        existing = self.cluster.servers.get(config.url)
+        if existing is not None and config.url in self.live.overlay.removed:
+            self.live.change(lambda overlay: overlay.removed.discard(config.url))
+            return self._live(existing, f"{existing.name} is back (it was removed until restart)")
+        if existing is not None and not existing.removed:
+            raise CommandError(f"{config.url} is already in the cluster (as {existing.name})")
+        said = f"added {config.url}"
+        if self.live.path is None:
+            self.live.change(lambda overlay: overlay.added.__setitem__(config.url, config))
+            return Outcome(config.label, config.url, f"{said} ({NO_FILE})")
+        return await self._edit(config.label, config.url, said, add_server_entry(config), None)
+
+    # --- sleep, wake, local instances ----------------------------------------------------
+
+    async def sleep(self, key: str, level: int) -> Server:
+        """Drain (bounded by drain_timeout), then `/sleep?level=N`, then confirm."""
+        return await self.sleep_wake.sleep(self.find(key).url, level)
+
+    async def wake(self, key: str) -> Server:
+        """`/wake_up` (after a level 2 sleep also reload_weights and reset_prefix_cache)."""
+        return await self.sleep_wake.wake(self.find(key).url)
+
+    async def start(self, key: str) -> Instance:
+        """Start a local instance (or join its start); CommandError carries its log's last lines."""
+        return await self.instances.start(key)
+
+    async def stop(self, key: str) -> Instance:
+        """Drain a local instance, then SIGTERM its process group (SIGKILL after shutdown_timeout)."""
+        return await self.instances.stop(key)
+
+    async def reload(self) -> list[str]:
+        """Read the config file now; a broken file is reported, not raised."""
+        return await self.live.reload(forced=True)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _configured(self, server: Server) -> Server:
+        if server.lifecycle is not None:
+            raise CommandError(f"{server.name} is a managed instance: change its [[instances]] entry instead")
+        if server.removed:
+            raise CommandError(f"{server.name} is being removed")
+        return server
+
+    def _live(self, server: Server, said: str) -> Outcome:
+        until = "until restart" if self.live.path is not None else NO_FILE
+        return Outcome(server.name, server.url, f"{said} ({until})")
+
+    async def _save(self, server: Server, said: str, change: Change, settle: Any) -> Outcome:
+        if self.live.path is None:
+            raise CommandError(f"{said}: cannot be saved, mvtui runs without a config file")
+        return await self._edit(server.name, server.url, said, change, settle)
+
+    async def _edit(self, name: str, url: str, said: str, change: Change, settle: Any) -> Outcome:
+        try:
+            await self.live.edit(change, settle)
+        except ConfigEditError as error:
+            raise CommandError(str(error)) from None
+        return Outcome(name, url, f"{said} (saved to {self.live.path})", self.live.path)
+
+
+def _remove(overlay: Overlay, url: str) -> None:
+    overlay.added.pop(url, None)
+    overlay.removed.add(url)
+
+
+def _capacity(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CommandError(f"capacity must be a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _describe(name: str, value: Any) -> str:
+    if name == "drain":
+        return "drained" if value else "undrained"
+    return f"capacity {value}"
+
+
+def _parsed_server(values: dict[str, Any]) -> ServerConfig:
+    """A new entry, checked as a config file entry is: the one validator for every front end."""
+    given = {key: value for key, value in values.items() if value not in (None, "", ())}
+    try:
+        text = tomlkit.dumps({"servers": {"servers": [given]}})
+        return parse_config(text).servers[0]
+    except ConfigError as error:
+        raise CommandError("; ".join(problem.message for problem in error.problems)) from None
+    except (TypeError, ValueError) as error:  # a value TOML cannot hold
+        raise CommandError(f"not a valid server entry: {error}") from None

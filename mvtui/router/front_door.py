@@ -1,0 +1,355 @@
+"""The router's listening socket and what any client may hold of it (`[limits]`).
+
+aiohttp serves the routes; around its per-connection protocol sits a gate that
+- refuses connections over `max_connections` with a short 503 (never more than the open-file
+  limit allows: the process keeps descriptors for its upstream connections, polls and logs),
+- closes a connection whose request headers are not complete within `header_timeout`
+  (slowloris), counted from the connection's opening or from the first byte of a request
+  on a kept-alive one; an idle kept-alive connection goes after `keepalive_timeout`,
+and a middleware that answers every error the router makes itself in OpenAI's shape, asks
+for the key on the status endpoints that are not open, and logs misbehaving clients in one
+line, never a traceback per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import time
+from typing import Callable, Iterable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler
+
+from mvtui.config.schema import STATUS_ENDPOINTS, Config, LimitsConfig
+from mvtui.openai_errors import error_body, error_response
+from mvtui.router.headers import authorized
+from mvtui.router.request_body import MIB
+
+log = logging.getLogger(__name__)
+HTTP_LOG = logging.getLogger("mvtui.router.http")  # aiohttp's per-connection messages
+
+# aiohttp's default (128) drops SYNs when hundreds of clients connect at once; each then waits
+# a 1 s retransmit (benchmarks/router_bench.py, c=256). The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+FD_SOFT_TARGET = 65536  # the open-file limit is raised towards this (never above the hard one)
+FD_RESERVE = 128  # descriptors kept for everything but client connections and their upstreams
+MAX_PENDING_REFUSALS = 32  # 503s still being delivered; beyond this, excess connections are dropped
+REFUSAL_LINGER_S = 1.0
+NOTE_EVERY_S = 10.0
+
+
+def _raw_answer(status: int, reason: str, message: str, extra: str = "") -> bytes:
+    """A whole HTTP/1.1 answer with an OpenAI error body, for connections aiohttp does not own."""
+    body = json.dumps(error_body(status, message)).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n"
+    )
+    return head.encode() + body
+
+
+REFUSAL = _raw_answer(503, "Service Unavailable", "The router has too many connections open; retry later", "Retry-After: 1\r\n")
+HEADER_TIMEOUT = _raw_answer(408, "Request Timeout", "The request headers did not arrive within [limits] header_timeout")
+
+
+def connection_capacity() -> int:
+    """How many client connections the open-file limit allows (each may hold an upstream
+    connection too); the soft limit is raised towards FD_SOFT_TARGET first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FD_SOFT_TARGET if hard == resource.RLIM_INFINITY else min(hard, FD_SOFT_TARGET)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, error)
+    if soft == resource.RLIM_INFINITY:
+        soft = FD_SOFT_TARGET
+    return max(1, (soft - FD_RESERVE - MAX_PENDING_REFUSALS) // 2)
+
+
+class _Notes:
+    """At most one log line per NOTE_EVERY_S for a repeated event, with the count since."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.count = 0
+        self._last = -NOTE_EVERY_S
+
+    def add(self, *args: object, error: BaseException | None = None) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= NOTE_EVERY_S:
+            self._last = now
+            log.warning(self.text + f" ({self.count} so far)", *args, exc_info=error)
+
+
+class _OneLine(logging.Filter):
+    """aiohttp's per-connection errors (bad requests, resets) as one rate-limited warning
+    without a traceback: a hostile client must not be able to fill the log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -1.0
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG:
+            return True
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            self.dropped += 1
+            return False
+        self._last = now
+        error = record.exc_info[1] if record.exc_info else None
+        record.msg = record.getMessage() + (f": {error!r}" if error else "") + (f" ({self.dropped} more not shown)" if self.dropped else "")
+        record.args, record.exc_info, record.exc_text = (), None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self.dropped = 0
+        return True
+
+
+HTTP_LOG.addFilter(_OneLine())
+
+
+class GuardedConnection(asyncio.Protocol):
+    """aiohttp's protocol for one client connection, with a deadline on request headers."""
+
+    def __init__(self, inner: RequestHandler, gate: ConnectionGate) -> None:
+        self.inner = inner
+        self.gate = gate
+        self.transport: asyncio.Transport | None = None
+        self.busy = False  # a request is being handled
+        self._partial = False  # bytes of a request whose headers are not complete yet
+        self._bytes_while_busy = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.gate.opened(self)
+        self.inner.connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.busy:
+            self._bytes_while_busy = True
+        else:
+            self._partial = True
+            if self._timer is None:
+                self._arm()
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.gate.closed(self)
+        self.inner.connection_lost(exc)
+
+    def request_started(self) -> None:
+        self.busy, self._partial, self._bytes_while_busy = True, False, False
+        self._disarm()
+
+    def request_finished(self) -> None:
+        self.busy = False
+        if self._bytes_while_busy:  # the next request began to arrive meanwhile: time it
+            self._partial = True
+            self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        delay = self.gate.limits().header_timeout
+        self._timer = asyncio.get_running_loop().call_later(delay, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.busy or self.transport is None or self.transport.is_closing():
+            return
+        if self._partial:
+            self.gate.slow_headers.add()
+            self.transport.write(HEADER_TIMEOUT)
+        self.transport.close()
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection over the limit: a 503 at once, then closed when the client has read it
+    (its end of file) or after REFUSAL_LINGER_S, whichever comes first."""
+
+    def __init__(self, gate: ConnectionGate) -> None:
+        self.gate = gate
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.gate.refusing += 1
+        assert isinstance(transport, asyncio.WriteTransport)
+        if self.gate.refusing > MAX_PENDING_REFUSALS:
+            transport.abort()  # a flood: keep no descriptor for it
+            return
+        transport.write(REFUSAL)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request is read and dropped, so that closing does not reset the answer
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gate.refusing -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class ConnectionGate:
+    """The protocol factory the listening socket uses: counts, limits and times connections."""
+
+    def __init__(self, server: web.Server, limits: Callable[[], LimitsConfig], capacity: int) -> None:
+        self.server = server
+        self.limits = limits
+        self.capacity = capacity
+        self.connections: dict[RequestHandler, GuardedConnection] = {}
+        self.refusing = 0
+        self.refused = _Notes("refused a client connection: [limits] max_connections (%d) are open")
+        self.slow_headers = _Notes("closed a connection whose request headers were not complete within [limits] header_timeout")
+        self._clamped_at: int | None = None
+
+    def __call__(self) -> asyncio.Protocol:
+        allowed = self.allowed()
+        if len(self.connections) >= allowed:
+            self.refused.add(allowed)
+            return _Refusal(self)
+        return GuardedConnection(self.server(), self)
+
+    def allowed(self) -> int:
+        wanted = self.limits().max_connections
+        if wanted > self.capacity and self._clamped_at != wanted:
+            self._clamped_at = wanted
+            log.warning("[limits] max_connections = %d is more than the open-file limit allows; using %d", wanted, self.capacity)
+        return min(wanted, self.capacity)
+
+    def opened(self, connection: GuardedConnection) -> None:
+        self.connections[connection.inner] = connection
+
+    def closed(self, connection: GuardedConnection) -> None:
+        self.connections.pop(connection.inner, None)
+
+    def connection_of(self, request: web.BaseRequest) -> GuardedConnection | None:
+        return self.connections.get(request.protocol)
+
+
+class _Site(web.BaseSite):
+    """A TCP site whose connections pass the gate."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, gate: ConnectionGate) -> None:
+        super().__init__(runner, backlog=LISTEN_BACKLOG)
+        self.host, self.port, self.gate = host, port, gate
+
+    @property
+    def name(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self.gate, self.host, self.port, backlog=self._backlog, reuse_address=True)
+        self._server = server
+        self.port = server.sockets[0].getsockname()[1]
+
+
+class FrontDoor:
+    """`await start()` listens on `[router] host:port`; `await stop()` closes everything.
+    `runner` and `site` are aiohttp's, for a caller that stops in two steps."""
+
+    def __init__(self, config: Callable[[], Config], routes: Iterable[web.RouteDef], shutdown_timeout: float) -> None:
+        self.config = config
+        self.routes = list(routes)
+        self.shutdown_timeout = shutdown_timeout
+        self.runner: web.AppRunner | None = None
+        self.site: web.BaseSite | None = None
+        self.gate: ConnectionGate | None = None
+        self._crashes = _Notes("a request handler failed: %r")
+
+    @property
+    def port(self) -> int:
+        assert isinstance(self.site, _Site), "not started"
+        return self.site.port
+
+    async def start(self) -> None:
+        config = self.config()
+        app = web.Application(middlewares=[self._guard], client_max_size=int(config.limits.max_body_mb * MIB))
+        app.add_routes(self.routes)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=self.shutdown_timeout,
+            keepalive_timeout=config.limits.keepalive_timeout,
+            auto_decompress=False,  # request_body.py decodes, within the size limit
+            logger=HTTP_LOG,
+        )
+        await runner.setup()
+        assert runner.server is not None
+        self.gate = ConnectionGate(runner.server, lambda: self.config().limits, connection_capacity())
+        site = _Site(runner, config.router.host, config.router.port, self.gate)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self.runner, self.site = runner, site
+
+    async def stop(self) -> None:
+        if self.site is not None:
+            await self.site.stop()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        self.site = self.runner = None
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        connection = self.gate.connection_of(request) if self.gate is not None else None
+        if connection is not None:
+            connection.request_started()
+        try:
+            if not self._may_see(request):
+                return error_response(401, "Invalid or missing API key", code="invalid_api_key")
+            return await handler(request)
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            return error_response(error.status, error.reason, headers=_allow_header(error))
+        except Exception as error:  # a bug: the client still gets JSON, the log one line
+            self._crashes.add(error, error=error)
+            return error_response(500, "The router failed to answer this request; see its log")
+        finally:
+            if connection is not None:
+                connection.request_finished()
+
+    def _may_see(self, request: web.Request) -> bool:
+        router = self.config().router
+        if request.path not in STATUS_ENDPOINTS or request.path in router.open_endpoints:
+            return True
+        return authorized(request, router.api_keys)
+
+
+def _allow_header(error: web.HTTPException) -> dict[str, str] | None:
+    allow = error.headers.get("Allow")
+    return {"Allow": allow} if allow else None

@@ -1,0 +1,105 @@
+"""Reading a client's request body within bounds: its size (after decoding), the time it may
+take, and the content codings the router understands.
+
+aiohttp's own decoding is turned off on the front door (front_door.py): a coding it cannot
+read, or a body that does not inflate, is answered here as an OpenAI 4xx, and inflating stops
+at the size limit (a gzip bomb costs at most `max_body_mb`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+
+MIB = 1024 * 1024
+GZIP_WBITS = 16 + zlib.MAX_WBITS
+
+
+class BodyError(Exception):
+    """A request body the router does not take; the proxy answers it as an OpenAI error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Decoder(Protocol):
+    def feed(self, data: bytes, room: int) -> bytes: ...
+
+    def finish(self) -> None: ...
+
+
+class _Identity:
+    def feed(self, data: bytes, room: int) -> bytes:
+        return data
+
+    def finish(self) -> None:
+        return None
+
+
+class _Inflate:
+    """gzip or deflate (zlib-wrapped, or raw as some clients send it), bounded output."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._inflater: zlib._Decompress | None = zlib.decompressobj(GZIP_WBITS) if name != "deflate" else None
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        if self._inflater is None:  # deflate: the first byte tells zlib-wrapped from raw
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS if data[:1] and data[0] & 0x0F == 8 else -zlib.MAX_WBITS)
+        try:
+            return self._inflater.decompress(data, room + 1)  # more than `room` means too big
+        except zlib.error as error:
+            raise BodyError(400, f"The request body is not valid {self.name} data ({error})") from None
+
+    def finish(self) -> None:
+        if self._inflater is not None and not self._inflater.eof:
+            raise BodyError(400, f"The request body ends inside its {self.name} data")
+
+
+def decoder_for(content_encoding: str) -> _Decoder:
+    codings = [part.strip().lower() for part in content_encoding.split(",") if part.strip()]
+    codings = [coding for coding in codings if coding != "identity"]
+    if not codings:
+        return _Identity()
+    if len(codings) == 1 and codings[0] in ("gzip", "x-gzip", "deflate"):
+        return _Inflate("deflate" if codings[0] == "deflate" else "gzip")
+    raise BodyError(415, f"Content-Encoding {content_encoding!r} is not supported; use gzip, deflate or none")
+
+
+async def read_body(request: web.Request, max_bytes: int, timeout: float) -> bytearray:
+    """The whole body, decoded; BodyError for one too big (413), too slow (408) or unreadable."""
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise _too_big(max_bytes)
+    decoder = decoder_for(request.headers.get("Content-Encoding", ""))
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_all(request.content, decoder, max_bytes)
+    except TimeoutError:
+        raise BodyError(408, f"The request body did not arrive within {timeout:g} s") from None
+    except (aiohttp.ClientPayloadError, web.RequestPayloadError, ValueError) as error:
+        raise BodyError(400, f"The request body could not be read: {error}") from None
+
+
+async def _read_all(content: aiohttp.StreamReader, decoder: _Decoder, max_bytes: int) -> bytearray:
+    body = bytearray()
+    received = 0
+    while chunk := await content.readany():
+        received += len(chunk)
+        if received > max_bytes:
+            raise _too_big(max_bytes)
+        body += decoder.feed(chunk, max_bytes - len(body))
+        if len(body) > max_bytes:
+            raise _too_big(max_bytes)
+    decoder.finish()
+    return body
+
+
+def _too_big(max_bytes: int) -> BodyError:
+    return BodyError(413, f"The request body is larger than the router's limit of {max_bytes / MIB:g} MiB ([limits] max_body_mb)")
