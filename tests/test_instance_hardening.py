@@ -244,6 +244,7 @@ async def test_a_squatter_on_the_port_of_a_loading_instance_is_not_taken_for_it(
         instance = manager.find("slow")
         start = asyncio.create_task(manager.start("slow"))
         pid = await eventually(lambda: instance.pid, what="the instance's process")
+        assert pid is not None
         with ended_at_the_end([pid], []):
             squatter = await asyncio.to_thread(start_sim, "slow", config.port)  # answers /health 200 on its port
             procs.append(squatter)

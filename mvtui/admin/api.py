@@ -12,15 +12,15 @@ import os
 import time
 from typing import Any, Awaitable, Callable
 
-import tomlkit
 from aiohttp import web
 
 from mvtui import __version__
 from mvtui.admin.passthrough import Passthrough
 from mvtui.cluster.state import Server
-from mvtui.config.schema import InstanceConfig, parse_config
+from mvtui.config.entries import EntryError, instance_entry
+from mvtui.config.schema import InstanceConfig
 from mvtui.control.operator import Operator, Outcome
-from mvtui.errors import CommandError, ConfigError, UnknownServer
+from mvtui.errors import CommandError, UnknownServer
 from mvtui.instances.manager import Instance
 from mvtui.paths import AppPaths
 from mvtui.router.endpoints import server_status
@@ -324,16 +324,10 @@ async def _sleep_level(request: web.Request) -> int:
 
 def _instance_config(model: str, params: dict[str, Any]) -> InstanceConfig:
     """Validated exactly like an [[instances]] table of the config file."""
-    document = tomlkit.document()
-    table = tomlkit.aot()
-    table.append(tomlkit.item({"model": model, **params}))
-    document["instances"] = table
     try:
-        return parse_config(tomlkit.dumps(document)).instances[0]
-    except ConfigError as error:
-        raise BadRequest("; ".join(f"{problem.where}: {problem.message}" for problem in error.problems)) from None
-    except (ValueError, TypeError) as error:
-        raise BadRequest(f"invalid params: {error}") from None
+        return instance_entry({"model": model, **params})
+    except EntryError as error:
+        raise BadRequest(str(error)) from None
 
 
 async def _quietly(start: Awaitable[Any]) -> None:

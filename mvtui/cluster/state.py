@@ -284,6 +284,8 @@ class Cluster:
         self.request_log: deque[RequestRecord] = deque(maxlen=log_length)
         # The last events, for views that open after they happened (the dashboard's pane).
         self.events: deque[ClusterEvent] = deque(maxlen=200)
+        # Background parts of mvtui that crashed and are being restarted: part -> what happened.
+        self.faults: dict[str, str] = {}
         self._listeners: list[Listener] = []
         self.rejected = 0  # requests the router answered itself with an error (401, 404, 413...)
 
@@ -296,6 +298,17 @@ class Cluster:
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
+
+    def part_fault(self, part: str, problem: str | None, *, lasting: bool = True) -> None:
+        """A background part crashed (problem) or runs again (None). A lasting fault (a part
+        being restarted) is kept for /health until it runs again; every one is an event."""
+        if problem is None:
+            if self.faults.pop(part, None) is not None:
+                self.emit("restarted", part, "running again")
+            return
+        if lasting:
+            self.faults[part] = problem
+        self.emit("crash", part, problem)
 
     def emit(self, kind: str, server: Server | str, message: str) -> None:
         event = ClusterEvent(kind, server if isinstance(server, str) else server.name, message)

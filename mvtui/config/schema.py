@@ -20,8 +20,8 @@ from tomlkit.exceptions import ParseError, TOMLKitError
 
 from mvtui import keymap
 from mvtui.errors import ConfigError, Problem
+from mvtui.routing.policies import POLICIES
 
-POLICIES = ("balanced", "least_loaded", "round_robin", "power_of_two")
 IDLE_ACTIONS = ("sleep1", "sleep2", "stop")
 STATUS_ENDPOINTS = ("/health", "/load-stats", "/metrics")
 
@@ -320,7 +320,7 @@ ROUTER_SCHEMA: dict[str, Check] = {
     "host": _string(),
     "port": _port,
     "api_keys": _names,
-    "policy": _string(POLICIES),
+    "policy": _string(tuple(POLICIES)),
     "open_endpoints": _subset(STATUS_ENDPOINTS),
     "scrub_upstream_errors": _boolean,
 }

@@ -13,17 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import tomlkit
-
 from mvtui.cluster.sleep_wake import Controller
 from mvtui.cluster.state import Cluster, Server
 from mvtui.config.edit import Change, set_server_value, unset_server_value
 from mvtui.config.edit import add_server as add_server_entry
 from mvtui.config.edit import remove_server as remove_server_entry
-from mvtui.config.schema import ServerConfig, parse_config
+from mvtui.config.entries import EntryError, server_entry
 from mvtui.control.live_config import LiveConfig
 from mvtui.control.overlay import Overlay
-from mvtui.errors import CommandError, ConfigEditError, ConfigError
+from mvtui.errors import CommandError, ConfigEditError
 from mvtui.instances.manager import Instance, InstanceManager
 
 NO_FILE = "not saved: running without a config file"
@@ -120,7 +118,11 @@ class Operator:
         self, url: str, *, max_concurrent_requests: int = 8, name: str = "", api_key: str | None = None, models: Sequence[str] = ()
     ) -> Outcome:
         """A new server, written to the config file: polled at once, given requests once it answers /health."""
-        config = _parsed_server({"url": url, "max_concurrent_requests": max_concurrent_requests, "name": name, "api_key": api_key, "models": models})
+        values = {"url": url, "max_concurrent_requests": max_concurrent_requests, "name": name, "api_key": api_key, "models": models}
+        try:
+            config = server_entry(values)
+        except EntryError as error:
+            raise CommandError(str(error)) from None
         existing = self.cluster.servers.get(config.url)
         if existing is not None and config.url in self.live.overlay.removed:
             self.live.change(lambda overlay: overlay.removed.discard(config.url))
@@ -196,15 +198,3 @@ def _describe(name: str, value: Any) -> str:
     if name == "drain":
         return "drained" if value else "undrained"
     return f"capacity {value}"
-
-
-def _parsed_server(values: dict[str, Any]) -> ServerConfig:
-    """A new entry, checked as a config file entry is: the one validator for every front end."""
-    given = {key: value for key, value in values.items() if value not in (None, "", ())}
-    try:
-        text = tomlkit.dumps({"servers": {"servers": [given]}})
-        return parse_config(text).servers[0]
-    except ConfigError as error:
-        raise CommandError("; ".join(problem.message for problem in error.problems)) from None
-    except (TypeError, ValueError) as error:  # a value TOML cannot hold
-        raise CommandError(f"not a valid server entry: {error}") from None

@@ -15,20 +15,20 @@ from mvtui.control.live_config import LiveConfig
 log = logging.getLogger(__name__)
 
 WATCH_START_TIMEOUT_S = 5.0
-Spawn = Callable[[Awaitable[None], str], "asyncio.Task[None]"]
+KeepRunning = Callable[[Callable[[], Awaitable[None]], str], "asyncio.Task[None]"]
 
 
 class ConfigReloader:
-    def __init__(self, live: LiveConfig, spawn: Spawn) -> None:
+    def __init__(self, live: LiveConfig, keep_running: KeepRunning) -> None:
         assert live.path is not None, "a reloader needs a config file"
         self.live = live
         self.path = live.path
         self.watcher = FileWatcher(live.path, self._file_changed, on_error=self._watch_failed)
-        self._spawn = spawn
+        self._keep_running = keep_running
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = self._spawn(self.watcher.run(), "config watcher")
+        self._task = self._keep_running(self.watcher.run, "config watcher")
         try:
             await asyncio.wait_for(self.watcher.ready.wait(), WATCH_START_TIMEOUT_S)
         except asyncio.TimeoutError:

@@ -75,7 +75,8 @@ class MemoryPlanner:
         if missing:
             raise CommandError(f"{instance.label}: GPU {', '.join(map(str, missing))} not found; NVML sees {len(gpus)} GPU(s)")
         fraction = instance.config.gpu_memory_utilization
-        return {device: int(fraction * gpus[device].memory_total) for device in devices if gpus[device].memory_total}
+        totals = {device: gpus[device].memory_total for device in devices}
+        return {device: int(fraction * total) for device, total in totals.items() if total}
 
     def _loading(self, instance: Instance) -> bool:
         return instance.lifecycle == "starting" or instance.server.waking

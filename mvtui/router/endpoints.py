@@ -60,6 +60,8 @@ class StatusEndpoints:
             "total_servers": len(servers),
             "servers": servers,
         }
+        if self.cluster.faults:  # parts of mvtui that crashed and are restarting
+            body["faults"] = dict(self.cluster.faults)
         return web.json_response(body, status=200 if healthy else 503)
 
     async def load_stats(self, request: web.Request) -> web.Response:

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import resource
+import socket
 import time
 from typing import Callable, Iterable
 
@@ -35,9 +36,14 @@ HTTP_LOG = logging.getLogger("mvtui.router.http")  # aiohttp's per-connection me
 # aiohttp's default (128) drops SYNs when hundreds of clients connect at once; each then waits
 # a 1 s retransmit (benchmarks/router_bench.py, c=256). The kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
+# Connections taken from that queue at each wake-up of the loop (asyncio's accept loop takes
+# `backlog` of them): each holds a descriptor before the gate can refuse it.
+ACCEPT_BURST = 16
 FD_SOFT_TARGET = 65536  # the open-file limit is raised towards this (never above the hard one)
-FD_RESERVE = 128  # descriptors kept for everything but client connections and their upstreams
 MAX_PENDING_REFUSALS = 32  # 503s still being delivered; beyond this, excess connections are dropped
+# Descriptors kept for everything but client connections, their upstreams and the servers'
+# polls: the loop, logs, listening sockets, connections accepted and not yet refused.
+FD_RESERVE = 64 + 4 * ACCEPT_BURST + MAX_PENDING_REFUSALS
 REFUSAL_LINGER_S = 1.0
 NOTE_EVERY_S = 10.0
 
@@ -56,9 +62,8 @@ REFUSAL = _raw_answer(503, "Service Unavailable", "The router has too many conne
 HEADER_TIMEOUT = _raw_answer(408, "Request Timeout", "The request headers did not arrive within [limits] header_timeout")
 
 
-def connection_capacity() -> int:
-    """How many client connections the open-file limit allows (each may hold an upstream
-    connection too); the soft limit is raised towards FD_SOFT_TARGET first."""
+def open_file_limit() -> int:
+    """The soft open-file limit, raised towards FD_SOFT_TARGET first."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = FD_SOFT_TARGET if hard == resource.RLIM_INFINITY else min(hard, FD_SOFT_TARGET)
     if soft != resource.RLIM_INFINITY and soft < target:
@@ -67,9 +72,14 @@ def connection_capacity() -> int:
             soft = target
         except (ValueError, OSError) as error:
             log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, error)
-    if soft == resource.RLIM_INFINITY:
-        soft = FD_SOFT_TARGET
-    return max(1, (soft - FD_RESERVE - MAX_PENDING_REFUSALS) // 2)
+    return FD_SOFT_TARGET if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_capacity(open_files: int, config: Config) -> int:
+    """How many client connections fit in `open_files` descriptors: each may hold an upstream
+    connection too, and every server is polled on connections of its own."""
+    others = FD_RESERVE + 2 * len(config.servers) + 4 * len(config.instances)
+    return max(1, (open_files - others) // 2)
 
 
 class _Notes:
@@ -130,7 +140,6 @@ class GuardedConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.gate.opened(self)
         self.inner.connection_made(transport)
         self._arm()
 
@@ -221,32 +230,36 @@ class _Refusal(asyncio.Protocol):
 class ConnectionGate:
     """The protocol factory the listening socket uses: counts, limits and times connections."""
 
-    def __init__(self, server: web.Server, limits: Callable[[], LimitsConfig], capacity: int) -> None:
+    def __init__(self, server: web.Server, config: Callable[[], Config], open_files: int) -> None:
         self.server = server
-        self.limits = limits
-        self.capacity = capacity
+        self.config = config
+        self.open_files = open_files
         self.connections: dict[RequestHandler, GuardedConnection] = {}
         self.refusing = 0
         self.refused = _Notes("refused a client connection: [limits] max_connections (%d) are open")
         self.slow_headers = _Notes("closed a connection whose request headers were not complete within [limits] header_timeout")
         self._clamped_at: int | None = None
 
+    def limits(self) -> LimitsConfig:
+        return self.config().limits
+
     def __call__(self) -> asyncio.Protocol:
+        """A new connection (counted from here: several may be accepted before any starts)."""
         allowed = self.allowed()
         if len(self.connections) >= allowed:
             self.refused.add(allowed)
             return _Refusal(self)
-        return GuardedConnection(self.server(), self)
+        connection = GuardedConnection(self.server(), self)
+        self.connections[connection.inner] = connection
+        return connection
 
     def allowed(self) -> int:
-        wanted = self.limits().max_connections
-        if wanted > self.capacity and self._clamped_at != wanted:
-            self._clamped_at = wanted
-            log.warning("[limits] max_connections = %d is more than the open-file limit allows; using %d", wanted, self.capacity)
-        return min(wanted, self.capacity)
-
-    def opened(self, connection: GuardedConnection) -> None:
-        self.connections[connection.inner] = connection
+        config = self.config()
+        wanted, capacity = config.limits.max_connections, connection_capacity(self.open_files, config)
+        if wanted > capacity and self._clamped_at != capacity:
+            self._clamped_at = capacity
+            log.warning("[limits] max_connections = %d is more than the open-file limit (%d) allows; using %d", wanted, self.open_files, capacity)
+        return min(wanted, capacity)
 
     def closed(self, connection: GuardedConnection) -> None:
         self.connections.pop(connection.inner, None)
@@ -269,7 +282,10 @@ class _Site(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(self.gate, self.host, self.port, backlog=self._backlog, reuse_address=True)
+        server = await loop.create_server(self.gate, self.host, self.port, backlog=ACCEPT_BURST, reuse_address=True)
+        for listening in server.sockets:  # asyncio listened with the burst; the queue stays long
+            with socket.fromfd(listening.fileno(), listening.family, listening.type) as same:
+                same.listen(self._backlog)
         self._server = server
         self.port = server.sockets[0].getsockname()[1]
 
@@ -307,7 +323,7 @@ class FrontDoor:
         )
         await runner.setup()
         assert runner.server is not None
-        self.gate = ConnectionGate(runner.server, lambda: self.config().limits, connection_capacity())
+        self.gate = ConnectionGate(runner.server, self.config, open_file_limit())
         site = _Site(runner, config.router.host, config.router.port, self.gate)
         try:
             await site.start()

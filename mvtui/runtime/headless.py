@@ -57,7 +57,7 @@ async def run_headless(open_core: Callable[[], AbstractAsyncContextManager[Servi
             log_event(event)
         services.cluster.subscribe(log_event)
         log.info("mvtui serving on %s with %d servers", services.router_url, len(services.cluster))
-        services.spawn(_summaries(services, summary_every), "summary")
+        services.keep_running(lambda: _summaries(services, summary_every), "summary")
         await stop.wait()
         log.info("stopping: no new requests; waiting for %d in flight", services.cluster.summary().in_flight)
     log.info("stopped")

@@ -35,6 +35,7 @@ from mvtui.router.front_door import FrontDoor
 from mvtui.router.metrics import RouterMetrics
 from mvtui.router.proxy import Proxy
 from mvtui.routing.policies import Chooser
+from mvtui.runtime.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Services:
         self.reloader: ConfigReloader | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.supervisor = Supervisor(self.cluster.part_fault)
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
 
     @property
@@ -122,7 +123,7 @@ class Services:
         self.cluster.apply(self.config.servers, self.config.timing)
         self.poller = Poller(self.cluster, session, lambda: self.config.timing, self.metrics.count_poll_error)
         self.poller.reconcile()
-        self.spawn(self.poller.run(), "poller")
+        self.keep_running(self.poller.run, "poller")
         control, instances = self._start_control(session)
         self._operator = Operator(self.cluster, self.live, control, instances)
         self.proxy = Proxy(self.cluster, session, lambda: self.config, self.chooser, self.metrics, make_available=control.make_available)
@@ -131,7 +132,7 @@ class Services:
         await self.admin.start()
         self.on_stop(self.admin.stop)
         if self.live.path is not None:
-            self.reloader = ConfigReloader(self.live, self.spawn)
+            self.reloader = ConfigReloader(self.live, self.keep_running)
             await self.reloader.start()
             self.on_stop(self.reloader.stop)
 
@@ -145,7 +146,7 @@ class Services:
         control.before_wake = instances.before_wake
         control.on_demand = instances.demand
         instances.apply(self.config.instances)
-        self.spawn(instances.run(), "instances")
+        self.keep_running(instances.run, "instances")
         self.on_stop(instances.stop_all)
         self.on_stop(control.close)
         return control, instances
@@ -159,22 +160,17 @@ class Services:
         self.router_port = door.port
         log.info("router listening on %s", self.router_url)
 
-    def spawn(self, coroutine: Awaitable[None], name: str) -> asyncio.Task[None]:
-        """A background part of the core; its crash is logged, not swallowed silently."""
-        task = asyncio.ensure_future(coroutine)
-        task.set_name(name)
-        task.add_done_callback(self._report_crash)
-        self._tasks.append(task)
-        return task
+    def spawn(self, work: Awaitable[None], name: str) -> asyncio.Task[None]:
+        """A one-off background task; its crash is logged and shown, not swallowed."""
+        return self.supervisor.run_once(work, name)
+
+    def keep_running(self, start: Callable[[], Awaitable[None]], name: str) -> asyncio.Task[None]:
+        """A part that runs as long as mvtui does: restarted with backoff after a crash."""
+        return self.supervisor.keep_running(start, name)
 
     def on_stop(self, stopper: Callable[[], Awaitable[None]]) -> None:
         """Run at shutdown, last registered first, before the HTTP session closes."""
         self._stoppers.append(stopper)
-
-    @staticmethod
-    def _report_crash(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s stopped: %r", task.get_name(), task.exception(), exc_info=task.exception())
 
     def _config_event(self, kind: str, message: str) -> None:
         self.cluster.emit(kind, CONFIG_SOURCE, message)
@@ -222,9 +218,7 @@ class Services:
                 await stopper()
             except Exception:  # one part failing to stop must not keep the others running
                 log.exception("error while stopping")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.stop()
         if self.session is not None:
             await self.session.close()
         self._site = self._runner = None
