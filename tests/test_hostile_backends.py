@@ -5,7 +5,6 @@ run the router as a process in front of it."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import math

@@ -21,8 +21,9 @@ import pytest
 from mvtui.config.schema import AdminConfig, Config, InstanceConfig, RouterConfig, TimingConfig, parse_config
 from mvtui.errors import CommandError
 from mvtui.gpu import GpuProbe
-from mvtui.instances.manager import Instance, InstanceManager
+from mvtui.instances.manager import InstanceManager
 from mvtui.instances.processes import RotatingLog, instance_command, instance_env, log_file_name
+from mvtui.instances.record import Instance
 from mvtui.paths import AppPaths
 from mvtui.runtime.wiring import Services
 from tests.helpers import REPO_ROOT, Proc, eventually, free_port, start_mvtui

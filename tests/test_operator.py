@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,19 @@ from mvtui.config.schema import Config, ServerConfig, parse_config
 from mvtui.control.live_config import LiveConfig
 from mvtui.control.overlay import Overlay
 from mvtui.errors import CommandError, ConfigEditError
-from tests.helpers import Proc, eventually
-from tests.test_reload import cluster_file, core, save_by_rename, sim  # noqa: F401  (sim is a fixture)
+from tests.helpers import Proc, eventually, start_sim
+from tests.test_reload import cluster_file, core, save_by_rename
 
 A, B = "http://a:1", "http://b:2"
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Proc]:
+    proc = start_sim("llama", extra=["--tokens-per-s", "200", "--ttft-ms", "5"])
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 def test_the_overlay_changes_the_file_config_and_forgets_on_request() -> None:

@@ -21,7 +21,7 @@ from mvtui.config.entries import EntryError, instance_entry
 from mvtui.config.schema import InstanceConfig
 from mvtui.control.operator import Operator, Outcome
 from mvtui.errors import CommandError, UnknownServer
-from mvtui.instances.manager import Instance
+from mvtui.instances.record import Instance
 from mvtui.paths import AppPaths
 from mvtui.router.endpoints import server_status
 

@@ -22,7 +22,8 @@ from mvtui.config.entries import EntryError, server_entry
 from mvtui.control.live_config import LiveConfig
 from mvtui.control.overlay import Overlay
 from mvtui.errors import CommandError, ConfigEditError
-from mvtui.instances.manager import Instance, InstanceManager
+from mvtui.instances.manager import InstanceManager
+from mvtui.instances.record import Instance
 
 NO_FILE = "not saved: running without a config file"
 

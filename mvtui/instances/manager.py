@@ -36,8 +36,6 @@ from mvtui.instances.processes import LOG_MAX_BYTES, instance_command, instance_
 from mvtui.instances.record import STARTABLE, Instance
 from mvtui.instances.registry import Registry
 
-__all__ = ["Instance", "InstanceManager"]
-
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = 30.0

@@ -153,7 +153,9 @@ class MemoryPlanner:
         busy = [
             instance.label
             for instance in self.instances.values()
-            if instance is not target and instance.lifecycle == "running" and instance.server.sleep_level == 0
+            if instance is not target
+            and instance.lifecycle == "running"
+            and instance.server.sleep_level == 0
             and device in instance_devices(instance.config)
         ]
         why = f"; awake there and busy or unable to sleep: {', '.join(busy)}" if busy else ""

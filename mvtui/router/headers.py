@@ -63,7 +63,7 @@ def key_matches(given: str | None, keys: Iterable[str]) -> bool:
     found = False
     for key in keys:
         found |= hmac.compare_digest(candidate, _bytes(key))
-    return found and given is not None
+    return found and bool(given)  # no key sent (or an empty one) never matches
 
 
 def authorized(request: web.Request, keys: Iterable[str]) -> bool:

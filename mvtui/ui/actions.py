@@ -15,7 +15,7 @@ from mvtui.cluster.state import Server
 from mvtui.control.operator import Operator
 from mvtui.errors import CommandError
 from mvtui.gpu import Gpu
-from mvtui.instances.manager import Instance
+from mvtui.instances.record import Instance
 from mvtui.ui.core import Core
 
 # Keys that need nothing from the core: the keymap says which.

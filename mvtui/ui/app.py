@@ -24,9 +24,9 @@ from textual.events import Key
 from textual.markup import escape
 from textual.widgets import Input, Static
 
+from mvtui import keymap
 from mvtui.cluster.state import ClusterEvent, ClusterSummary, RequestRecord, Server
 from mvtui.config.starter import example_file
-from mvtui import keymap
 from mvtui.errors import CommandError
 from mvtui.gpu import Gpu, GpuSampler
 from mvtui.paths import AppPaths

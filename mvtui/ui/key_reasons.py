@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mvtui.cluster.state import Server
-from mvtui.instances.manager import Instance
+from mvtui.instances.record import Instance
 
 ACTIVE_LIFECYCLES = (None, "running")
 NOT_MANAGED = "{name} is not a local instance mvtui manages"
