@@ -67,6 +67,11 @@ class ConfigEditError(MvtuiError):
     """An edit of the config file that was not made. The file is untouched."""
 
 
+class ListenError(MvtuiError):
+    """A socket mvtui must listen on cannot be opened; the message names the address, the
+    reason and what to do, in one line."""
+
+
 class VllmError(MvtuiError):
     """A vLLM server answered a control call with an error status."""
 
@@ -75,7 +80,8 @@ class VllmError(MvtuiError):
         super().__init__(message)
 
 
-CONNECTION_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError)
+# A server that cannot be reached, or whose answer broke off mid-body.
+CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError)
 
 
 def describe_error(error: BaseException) -> str:

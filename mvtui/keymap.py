@@ -12,8 +12,9 @@ from __future__ import annotations
 import difflib
 import string
 import unicodedata
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 MODIFIERS = frozenset({"ctrl", "shift", "alt", "meta", "super", "hyper"})
 UserKeys = tuple[tuple[str, tuple[str, ...]], ...]  # (action id, keys): a user's changes
@@ -82,7 +83,14 @@ ALWAYS: frozenset[str] = frozenset(action.method for action in ACTIONS if action
 
 # --- key names ----------------------------------------------------------------------------
 
-_RENAMED = {"solidus": "slash", "reverse_solidus": "backslash", "commercial_at": "at", "hyphen_minus": "minus", "plus_sign": "plus", "low_line": "underscore"}
+_RENAMED = {
+    "solidus": "slash",
+    "reverse_solidus": "backslash",
+    "commercial_at": "at",
+    "hyphen_minus": "minus",
+    "plus_sign": "plus",
+    "low_line": "underscore",
+}
 _SHOWN = {"up": "↑", "down": "↓", "left": "←", "right": "→", "delete": "del", "escape": "esc", "pageup": "pgup", "pagedown": "pgdn"}
 
 
@@ -163,7 +171,7 @@ def _key_problem(key: str) -> str | None:
     name = key_name(key)
     modifiers, _, base = name.rpartition("+")
     if not base or any(character.isspace() or character == "," for character in name):
-        return f"{key!r} is not a key name: one key per string, like \"x\", \"D\", \"ctrl+d\", \"f5\" or \"?\""
+        return f'{key!r} is not a key name: one key per string, like "x", "D", "ctrl+d", "f5" or "?"'
     unknown = [part for part in modifiers.split("+") if part and part not in MODIFIERS]
     if unknown:
         return f"{key!r}: unknown modifier {unknown[0]!r}; modifiers: {', '.join(sorted(MODIFIERS))}"

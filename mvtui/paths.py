@@ -39,9 +39,9 @@ class AppPaths:
         return self.log_dir / "instances"
 
     @property
-    def admin_file(self) -> Path:
-        """Address and token of the running mvtui's admin API, for the CLI."""
-        return self.state_dir / "admin.json"
+    def admin_dir(self) -> Path:
+        """One file per running mvtui: its addresses and admin token, for the CLI."""
+        return self.state_dir / "admin"
 
     @property
     def ui_state(self) -> Path:

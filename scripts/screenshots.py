@@ -118,6 +118,9 @@ async def shoot(out: Path, warmup: float, paths: AppPaths) -> list[Path]:
         await shooter.take(app, pilot, "main")
         await pilot.resize_terminal(*SMALL)
         await shooter.take(app, pilot, "main-80x24")
+        await pilot.press("question_mark")  # at 80x24 the help scrolls
+        await shooter.take(app, pilot, "help-80x24")
+        await pilot.press("escape")
         await pilot.resize_terminal(*WIDE)
 
         await pilot.press("question_mark")

@@ -159,6 +159,11 @@ def _port_from_args(args: Sequence[str]) -> int | None:
     return None
 
 
+def admin_files(state_home: Path) -> list[Path]:
+    """The admin files (one per running mvtui) under XDG_STATE_HOME=state_home."""
+    return sorted((state_home / "mvtui" / "admin").glob("*.json"))
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 15.0, every: float = 0.05, what: str = "condition") -> T:
     """Poll `predicate` until it returns something truthy, and return that; fail after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -39,8 +39,14 @@ def start_router(config: Path, *, open_files: int | None = None) -> Proc:
     log_fd, log_name = tempfile.mkstemp(prefix="mvtui-router-", suffix=".log")
     with os.fdopen(log_fd, "wb") as log:
         proc = subprocess.Popen(
-            args, cwd=REPO_ROOT, env=_child_env(None), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_open_file_limit(open_files) if open_files else None,
+            args,
+            cwd=REPO_ROOT,
+            env=_child_env(None),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_open_file_limit(open_files) if open_files else None,
         )
     router = Proc(proc, port, Path(log_name))
     wait_until_answering(router)

@@ -40,6 +40,11 @@ async def core(tmp_path: Path, sim: Proc, *instances: InstanceConfig) -> AsyncIt
         yield services
 
 
+def own_admin_file(tmp_path: Path) -> Path:
+    """The admin file of the core running in this process (`core()`'s state folder)."""
+    return tmp_path / "state" / "admin" / f"{os.getpid()}.json"
+
+
 class Admin:
     """The admin API with the token from the admin file, as the CLI would read it."""
 
@@ -77,7 +82,7 @@ async def sim_process(procs: list[Proc], extra: list[str]) -> Proc:
 async def test_admin_api_needs_its_token_listens_on_loopback_and_lists_everything(tmp_path: Path, procs: list[Proc]) -> None:
     sim = await sim_process(procs, [])
     child = InstanceConfig(model="child", command=tuple(SIM), port=free_port())
-    admin_file = tmp_path / "state" / "admin.json"
+    admin_file = own_admin_file(tmp_path)
     async with core(tmp_path, sim, child) as services, aiohttp.ClientSession() as session:
         assert stat.S_IMODE(admin_file.stat().st_mode) == 0o600
         admin = Admin(session, admin_file)
@@ -98,7 +103,7 @@ async def test_admin_api_needs_its_token_listens_on_loopback_and_lists_everythin
 async def test_admin_instances_and_server_actions(tmp_path: Path, procs: list[Proc]) -> None:
     sim = await sim_process(procs, [])  # no sleep mode on this one
     async with core(tmp_path, sim) as services, aiohttp.ClientSession() as session:
-        admin = Admin(session, tmp_path / "state" / "admin.json")
+        admin = Admin(session, own_admin_file(tmp_path))
         port = free_port()
         params = {"command": SIM, "port": port, "env": {"PYTHONPATH": str(REPO_ROOT)}}
         status, created = await admin.call("POST", "/instances", {"model": "extra", "params": params})
@@ -139,7 +144,7 @@ async def test_admin_instances_and_server_actions(tmp_path: Path, procs: list[Pr
 async def test_admin_bad_input_gets_clear_errors(tmp_path: Path, procs: list[Proc]) -> None:
     sim = await sim_process(procs, [])
     async with core(tmp_path, sim), aiohttp.ClientSession() as session:
-        admin = Admin(session, tmp_path / "state" / "admin.json")
+        admin = Admin(session, own_admin_file(tmp_path))
         status, body = await admin.call("POST", "/instances", {"params": {}})
         assert status == 400 and "`model`" in body["error"]["message"]
         status, body = await admin.call("POST", "/instances", {"model": "x", "params": {"gpu_memory_utilization": "lots", "prot": 1}})
@@ -190,7 +195,7 @@ async def test_cli_drives_a_running_mvtui(tmp_path: Path, procs: list[Proc]) -> 
     assert Path(f"/proc/{pid}").exists()
     assert f"router         {mvtui.url}" in await cli(["info"], state)
 
-    assert (await cli(["drain", "gpu-a"], state)).strip() == "gpu-a: draining, 0 in flight (until restart) [drained]"
+    assert (await cli(["drain", "gpu-a"], state)).strip() == "gpu-a: draining, 0 requests in flight (until restart) [drained]"
     async with aiohttp.ClientSession() as session:
         async with session.get(mvtui.url + "/load-stats") as response:
             shown = {server["name"]: server for server in (await response.json())["servers"]}
@@ -205,12 +210,12 @@ async def test_cli_drives_a_running_mvtui(tmp_path: Path, procs: list[Proc]) -> 
 
 async def test_cli_says_clearly_when_no_mvtui_is_running(tmp_path: Path) -> None:
     message = await cli(["ps"], tmp_path / "empty", code=3)
-    assert "no mvtui is running" in message and "admin.json does not exist" in message
-    stale = tmp_path / "stale" / "mvtui" / "admin.json"
+    assert "no mvtui is running (no live admin file in" in message
+    stale = tmp_path / "stale" / "mvtui" / "admin" / "1.json"  # as a killed mvtui leaves it: nobody holds its lock
     stale.parent.mkdir(parents=True)
-    stale.write_text(json.dumps({"url": f"http://127.0.0.1:{free_port()}", "token": "t", "pid": 1}))
+    stale.write_text(json.dumps({"url": f"http://127.0.0.1:{free_port()}", "token": "t", "pid": 1, "router_url": "http://127.0.0.1:1"}))
     message = await cli(["wake", "x"], tmp_path / "stale", code=3)
-    assert "nothing answers" in message and "stale" in message
+    assert "no mvtui is running" in message and not stale.exists()
 
 
 async def test_cli_edits_servers_and_the_config_file_keeps_its_comments(tmp_path: Path, procs: list[Proc]) -> None:

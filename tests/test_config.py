@@ -15,13 +15,11 @@ import pytest
 
 from mvtui.config.edit import (
     add_server,
-    apply_edit,
-    edited_text,
     remove_server,
     set_server_value,
     unset_server_value,
-    write_atomic,
 )
+from mvtui.config.file import apply_edit, edited_text
 from mvtui.config.schema import (
     AdminConfig,
     Config,
@@ -34,6 +32,7 @@ from mvtui.config.schema import (
 )
 from mvtui.config.starter import example_file
 from mvtui.errors import ConfigEditError, ConfigError
+from mvtui.files import write_atomic
 from tests.helpers import REPO_ROOT
 
 # mvllm's servers.example.toml as published (xerrors/mvllm), comments included.

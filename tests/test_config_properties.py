@@ -19,8 +19,10 @@ from mvtui.config.schema import (
     TIMING_SCHEMA,
     UI_SCHEMA,
     Config,
+    ServerConfig,
     normalize_url,
     parse_config,
+    redact_url,
 )
 from mvtui.errors import ConfigError
 
@@ -129,6 +131,15 @@ def test_server_lists_give_a_config_error_or_distinct_usable_servers(written: li
     text = dump({"servers": {"servers": [{"url": url} for url in written]}})
     assert text is not None
     parses_or_explains(text)
+
+
+@SETTINGS
+@given(st.text(alphabet=st.characters(blacklist_characters="/?#", blacklist_categories=("Cs",)), min_size=1, max_size=12), urls)
+def test_credentials_never_survive_redaction(password: str, url: str) -> None:
+    with_credentials = url.replace("://", f"://alice:{password}@", 1) if "://" in url else url
+    shown = redact_url(with_credentials)
+    assert f"alice:{password}" not in shown
+    assert f"alice:{password}" not in ServerConfig(url=normalize_url(with_credentials)).label
 
 
 @SETTINGS

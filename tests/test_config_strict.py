@@ -197,6 +197,7 @@ def test_credentials_never_appear_in_a_name_or_a_message() -> None:
         ("http://h:1", "http://h:1"),
         ("https://:secret@h", "https://h"),
         ("http://u:p@[::1", "http://[::1"),
+        ("http://user:p@ss@h:1/x@y", "http://h:1/x@y"),  # an @ in the password is part of it
         ("not a url", "not a url"),
     ],
 )

@@ -52,7 +52,7 @@ def read_until_closed(sock: socket.socket) -> bytes:
     while True:
         try:
             data = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             raise AssertionError(f"the router kept the connection open for {WAIT_S} s; got {received[:200]!r}") from None
         except ConnectionResetError:
             return received
@@ -105,7 +105,7 @@ def test_headers_dripped_slowly_are_cut_off(door: Proc) -> None:
                 sock.sendall(b"X-Drip-%d: x\r\n" % number)
                 sock.recv(65536)
                 break  # an answer, or the end of the connection
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break
@@ -115,7 +115,9 @@ def test_headers_dripped_slowly_are_cut_off(door: Proc) -> None:
 
 def test_a_body_that_stops_coming_gets_408_after_body_timeout(door: Proc) -> None:
     with connect(door) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\"")
+        sock.sendall(
+            b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model"'
+        )
         raw = sock.recv(65536)
     status, error = error_of(raw)
     assert status == 408

@@ -6,6 +6,7 @@ run the router as a process in front of it."""
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import math
 import random
@@ -27,7 +28,7 @@ from mvtui.routing.policies import balanced, least_loaded, power_of_two
 from tests import http
 from tests.helpers import Proc, eventually, start_sim, wait_until
 from tests.hostile import Answer, HostileBackend, html_answer, json_answer, metrics_page
-from tests.test_router import FAST_POLL, start_router
+from tests.router_setup import start_router, write_config
 
 FAST = TimingConfig(health_check_interval=0.1, metrics_interval=0.05, fail_threshold=2, recover_threshold=1, request_timeout=5)
 
@@ -111,9 +112,8 @@ def test_a_backend_reporting_nan_does_not_break_routing_for_its_model(tmp_path: 
     router: Proc | None = None
     try:
         with backend.threaded() as url:
-            config = tmp_path / "servers.toml"  # the NaN server first: it used to empty the tie list
-            config.write_text(f'[servers]\nservers = [{{ url = "{url}" }}, {{ url = "{sim.url}" }}]\n{FAST_POLL}')
-            router = start_router(config)
+            # the NaN server first: it used to empty the tie list
+            router = start_router(write_config(tmp_path / "servers.toml", [url, sim.url]))
             wait_until(lambda: http.get(router.url + "/load-stats").json()["healthy_servers"] == 2)
             wait_until(lambda: backend.hits["/metrics"] >= 2)
             statuses = [
@@ -199,9 +199,7 @@ def test_a_non_string_model_id_leaves_load_stats_answering(tmp_path: Path) -> No
     router: Proc | None = None
     try:
         with backend.threaded() as url:
-            config = tmp_path / "servers.toml"
-            config.write_text(f'[servers]\nservers = [{{ url = "{url}" }}, {{ url = "{sim.url}" }}]\n{FAST_POLL}')
-            router = start_router(config)
+            router = start_router(write_config(tmp_path / "servers.toml", [url, sim.url]))
             wait_until(lambda: backend.hits["/v1/models"] >= 3)
             answer = http.get(router.url + "/load-stats")
             assert answer.status_code == 200
@@ -234,10 +232,13 @@ async def test_a_crashed_poll_is_logged_restarted_with_backoff_and_shown(monkeyp
         backend.answer("/metrics", metrics_page("demo", running="4"))
         async with polling(ServerConfig(url=backend.url, name="fragile")) as run:
             server = run.server(backend.url)
+            await eventually(lambda: "poll fragile" in run.cluster.faults, what="shown as a fault for /health")
+            assert "RuntimeError: parser bug" in run.cluster.faults["poll fragile"]
             await eventually(lambda: server.running == 4.0, what="scraped once the crashes are over")
-            assert server.poll_crashes == 2
+            assert server.poll_crashes == 2 and run.cluster.faults == {}
             assert "RuntimeError: parser bug" in server.last_error
-            assert "error" in run.kinds(server)
+            kinds = [event.kind for event in run.events if event.server == "poll fragile"]
+            assert kinds == ["crash", "crash", "restarted"]
             assert ("fragile", "crash") in run.errors
             assert "fragile" in caplog.text and "parser bug" in caplog.text
             shown = server_status(server)
@@ -259,7 +260,7 @@ async def test_an_unreachable_server_is_probed_less_and_less_often() -> None:
         for _ in range(8):
             server.health.failure("refused")
             pauses.append(poller._pause(server, timing))
-    assert all(later >= earlier * 0.8 for earlier, later in zip(pauses, pauses[1:]))
+    assert all(later >= earlier * 0.8 for earlier, later in itertools.pairwise(pauses))
     assert pauses[0] < 0.3 and 2.7 <= pauses[-1] <= 3.3  # capped at 3 health-check intervals, +-10 %
     server.health.success()
     assert poller._pause(server, timing) == timing.metrics_interval
@@ -299,9 +300,7 @@ def credentialed(tmp_path: Path) -> Iterator[tuple[Proc, HostileBackend, str]]:
     backend = HostileBackend("demo")
     with backend.threaded() as url:
         secret_url = url.replace("http://", "http://alice:s3cr3t-pw@")
-        config = tmp_path / "servers.toml"
-        config.write_text(f'[servers]\nservers = [{{ url = "{secret_url}" }}]\n{FAST_POLL}')
-        router = start_router(config)
+        router = start_router(write_config(tmp_path / "servers.toml", [secret_url]))
         try:
             wait_until(lambda: http.get(router.url + "/health").json()["healthy_servers"] == 1)
             yield router, backend, url

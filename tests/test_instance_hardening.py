@@ -31,7 +31,7 @@ from mvtui.instances.idle import IdleKeeper
 from mvtui.instances.listeners import check_listener, parse_address
 from mvtui.instances.manager import InstanceManager
 from mvtui.instances.registry import Registry
-from tests.helpers import REPO_ROOT, Proc, eventually, free_port, start_mvtui, start_sim
+from tests.helpers import REPO_ROOT, Proc, admin_files, eventually, free_port, start_mvtui, start_sim
 
 TIMING = TimingConfig(metrics_interval=0.1, health_check_interval=0.5, drain_timeout=5, wake_timeout=30, shutdown_timeout=3)
 SIM = (sys.executable, "-m", "mvtui", "sim", "--port", "{port}", "--model", "{served_name}", "--tokens-per-s", "500", "--ttft-ms", "1")
@@ -113,12 +113,14 @@ async def start_headless(tmp_path: Path, command: tuple[str, ...], procs: list[P
     args = ["--no-ui", "--config", str(config), "--port", str(free_port())]
     mvtui = await asyncio.to_thread(start_mvtui, args, env=env)
     procs.append(mvtui)
-    await eventually(admin_file(tmp_path).exists, what="the admin API")  # it starts after the router
+    await eventually(lambda: admin_file(tmp_path).exists(), what="the admin API")  # it starts after the router
     return mvtui
 
 
 def admin_file(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "mvtui" / "admin.json"
+    """The admin file of the one mvtui running on this test's state folder, or where none is."""
+    found = admin_files(tmp_path / "state")
+    return found[0] if found else tmp_path / "state" / "mvtui" / "admin" / "none.json"
 
 
 async def admin_call(tmp_path: Path, method: str, path: str, body: Any = None) -> tuple[int, Any]:

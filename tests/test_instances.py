@@ -410,7 +410,7 @@ async def test_no_orphans_after_sigterm_to_mvtui(tmp_path: Path, procs: list[Pro
     mvtui, group = await start_instance_in_mvtui(tmp_path, wrapped, procs)
     with killed_at_the_end(group):
         assert len(group_members(group)) == 2  # the simulator and its own child
-        admin_file = tmp_path / "state" / "mvtui" / "admin.json"
+        admin_file = tmp_path / "state" / "mvtui" / "admin" / f"{mvtui.pid}.json"
         assert admin_file.exists()
         os.kill(mvtui.pid, signal.SIGTERM)  # mvtui alone, not its group: the instance has its own
         await asyncio.to_thread(mvtui.proc.wait, 20)

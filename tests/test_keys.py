@@ -4,27 +4,32 @@ Ctrl-C, a greyed key that says why, a help screen that scrolls)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from textual.binding import Binding
 from textual.containers import VerticalScroll
 
 from mvtui import keymap
 from mvtui.cluster.state import Server
-from mvtui.config.schema import ServerConfig, TimingConfig, UiConfig, parse_config
+from mvtui.config.schema import ServerConfig, TimingConfig, UiConfig, load_config, parse_config
 from mvtui.config.starter import example_file
 from mvtui.errors import ConfigError
+from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
+from mvtui.runtime.wiring import Services
 from mvtui.ui import key_reasons
 from mvtui.ui.actions import ALWAYS
 from mvtui.ui.app import Dashboard, create_app
 from mvtui.ui.screens import ConfirmScreen, HelpScreen
 from mvtui.ui.widgets import ServerPane
-from tests.helpers import REPO_ROOT
-from tests.ui_frozen import frozen_factory, frozen_services, tmp_paths
+from tests.helpers import REPO_ROOT, eventually
+from tests.ui_frozen import FakeNvml, frozen_factory, frozen_services, tmp_paths
 
 
 @pytest.fixture
@@ -72,8 +77,18 @@ def test_always_available_actions_come_from_the_keymap() -> None:
 
 @pytest.mark.parametrize(
     ("typed", "name", "label"),
-    [("?", "question_mark", "?"), ("+", "plus", "+"), ("-", "minus", "-"), ("/", "slash", "/"), ("x", "x", "x"),
-     ("D", "D", "D"), ("ctrl+/", "ctrl+slash", "ctrl+/"), ("delete", "delete", "del"), ("up", "up", "↑"), (",", "comma", ",")],
+    [
+        ("?", "question_mark", "?"),
+        ("+", "plus", "+"),
+        ("-", "minus", "-"),
+        ("/", "slash", "/"),
+        ("x", "x", "x"),
+        ("D", "D", "D"),
+        ("ctrl+/", "ctrl+slash", "ctrl+/"),
+        ("delete", "delete", "del"),
+        ("up", "up", "↑"),
+        (",", "comma", ","),
+    ],
 )
 def test_keys_are_named_as_textual_names_them_and_shown_short(typed: str, name: str, label: str) -> None:
     assert keymap.key_name(typed) == name
@@ -148,14 +163,29 @@ def test_the_example_lists_every_action() -> None:
     assert [action.id for action in keymap.ACTIONS if f"\n# {action.id} = " not in text] == []
 
 
+def test_the_readme_names_every_action() -> None:
+    text = (REPO_ROOT / "README.md").read_text()
+    assert [action.id for action in keymap.ACTIONS if f"`{action.id}`" not in text] == []
+
+
 # --- the dashboard: bindings, footer and help from the keymap --------------------------------------
 
 
-def test_bindings_footer_and_help_come_from_the_keymap(paths: AppPaths) -> None:
-    ids = {binding.id for binding in Dashboard.BINDINGS if hasattr(binding, "id")}
-    assert ids == set(keymap.BY_ID)
-    rows = [(keymap.keys_label(action.keys), action.help) for action in keymap.ACTIONS]
-    assert ("d", keymap.BY_ID["drain"].help) in rows and ("q ctrl+c", keymap.BY_ID["quit"].help) in rows
+def test_the_bindings_come_from_the_keymap() -> None:
+    found = {(binding.id, binding.key, binding.action) for binding in Dashboard.BINDINGS if isinstance(binding, Binding)}
+    wanted = {(action.id, ",".join(action.keys), action.action) for action in keymap.ACTIONS}
+    assert found == wanted | {("drain", "d", "undrain")}
+
+
+async def test_the_footer_and_the_help_come_from_the_keymap(paths: AppPaths) -> None:
+    app = frozen_app(paths)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.settled()
+        assert list(footer(app)) == [action.label for action in keymap.ACTIONS if action.footer]
+        await pilot.press("question_mark")
+        table = app.screen.content  # type: ignore[attr-defined]
+        rows = list(zip((str(cell) for cell in table.columns[0].cells), (str(cell) for cell in table.columns[1].cells), strict=True))
+        assert rows[: len(keymap.ACTIONS)] == [(keymap.keys_label(action.keys), action.help) for action in keymap.ACTIONS]
 
 
 async def test_a_rebound_key_acts_and_shows_everywhere(paths: AppPaths) -> None:
@@ -179,6 +209,29 @@ async def test_a_rebound_key_acts_and_shows_everywhere(paths: AppPaths) -> None:
         assert app.theme != before
 
 
+async def test_a_reload_applies_new_keys(tmp_path: Path, paths: AppPaths) -> None:
+    path = tmp_path / "servers.toml"
+    base = '[router]\nhost = "127.0.0.1"\nport = 0\n\n[admin]\nenabled = false\n\n[servers]\nservers = []\n'
+    path.write_text(base + '\n[ui.keys]\nhelp = "h"\n')
+
+    @contextlib.asynccontextmanager
+    async def open_core() -> AsyncIterator[Services]:
+        async with Services(load_config(path), config_path=path, paths=paths, gpu=GpuProbe(FakeNvml())) as services:
+            yield services
+
+    app = create_app(open_core, paths, user_themes=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.settled()
+        assert footer(app)["help"] == ("h", True)
+        path.write_text(base + '\n[ui.keys]\nhelp = "H"\n')
+        await pilot.press("r")
+        await eventually(lambda: footer(app)["help"] == ("H", True), what="the new key in the footer")
+        await pilot.press("h")
+        assert not isinstance(app.screen, HelpScreen)
+        await pilot.press("H")
+        assert isinstance(app.screen, HelpScreen)
+
+
 async def test_the_help_screen_scrolls_to_its_last_line_at_80x24(paths: AppPaths) -> None:
     app = frozen_app(paths)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -191,8 +244,10 @@ async def test_the_help_screen_scrolls_to_its_last_line_at_80x24(paths: AppPaths
         await pilot.press("end")
         await pilot.pause()
         assert box.scroll_y == box.max_scroll_y
-        for _ in range(box.max_scroll_y):
-            await pilot.press("k")
+        await pilot.press("k")
+        await pilot.pause()
+        assert box.scroll_y == box.max_scroll_y - 1
+        await pilot.press("home")
         await pilot.pause()
         assert box.scroll_y == 0
         labels = [str(cell) for cell in app.screen.content.columns[0].cells]
@@ -271,8 +326,7 @@ async def test_remove_asks_until_restart_or_from_the_file(paths: AppPaths) -> No
             await pilot.press(answer)
             await pilot.pause()
             assert not isinstance(app.screen, ConfirmScreen)
-        await app.workers.wait_for_complete()
-        assert calls == [("small", False), ("small", True)]
+        await eventually(lambda: calls == [("small", False), ("small", True)], what="two removals")
 
 
 async def test_the_save_keys_call_the_core(paths: AppPaths) -> None:
@@ -291,5 +345,4 @@ async def test_the_save_keys_call_the_core(paths: AppPaths) -> None:
         await app.settled()
         app.core_actions.drain_save, app.core_actions.save = drain_save, save  # type: ignore[union-attr,method-assign]
         await pilot.press("D", "p")
-        await app.workers.wait_for_complete()
-        assert calls == ["drain_save small", "save small"]
+        await eventually(lambda: calls == ["drain_save small", "save small"], what="both saved")

@@ -29,7 +29,7 @@ from mvtui.ui.app import Dashboard, create_app
 from mvtui.ui.screens import HelpScreen, InstanceLogScreen, SleepScreen
 from mvtui.ui.widgets import EventsPane, GpuPane, RequestsPane, ServerPane
 from tests.helpers import eventually, free_port
-from tests.ui_frozen import FakeNvml, frozen_factory, frozen_services, tmp_paths, two_gpus
+from tests.ui_frozen import FakeNvml, FrozenCore, frozen_factory, frozen_services, tmp_paths, two_gpus
 
 MODEL = "m"
 FAST_TIMING = """
@@ -83,7 +83,7 @@ def core_from_file(path: Path, paths: AppPaths, nvml: FakeNvml | None = None) ->
 async def ready(app: Dashboard, count: int) -> Services:
     """The core is up and `count` servers answered their health check."""
     await app.settled()
-    services = app.services
+    services = app.core
     assert services is not None
     await eventually(lambda: sum(server.is_up for server in services.cluster) == count, what=f"{count} servers up")
     app.tick()
@@ -91,7 +91,7 @@ async def ready(app: Dashboard, count: int) -> Services:
 
 
 def server(app: Dashboard, name: str) -> Server:
-    found = app.services.cluster.find(name)  # type: ignore[union-attr]
+    found = app.core.cluster.find(name)  # type: ignore[union-attr]
     assert found is not None
     return found
 
@@ -102,7 +102,7 @@ def keys(app: Dashboard) -> dict[str, tuple[str, bool]]:
 
 
 async def select(app: Dashboard, pilot, name: str) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(len(app.services.cluster)):  # type: ignore[union-attr]
+    for _ in range(len(app.core.cluster)):  # type: ignore[union-attr]
         if app.selected_server is not None and app.selected_server.name == name:
             return
         await pilot.press("down")
@@ -274,7 +274,7 @@ command = [{command}]
         app.tick()
         assert keys(app)["S"] == ("start", False) and keys(app)["X"] == ("stop", True) and keys(app)["l"] == ("log", True)
 
-        instance = app.services.instances.for_server(local)  # type: ignore[union-attr]
+        instance = app.core.instances.for_server(local)  # type: ignore[union-attr]
         nvml.gpus[1].pids = (instance.pid,)  # the instance's process shows up on GPU 1
         await eventually(lambda: "local" in rendered(app.query_one(GpuPane)), timeout=5, what="GPU owner shown")
 
@@ -331,7 +331,7 @@ async def test_filter_key_shows_only_matching_servers(paths: AppPaths) -> None:
         assert app.selected_server.name == "big"  # type: ignore[union-attr]
         await pilot.press("enter")  # keeps the filter; keys act on the dashboard again
         await pilot.press("d")
-        assert app.services.cluster.find("big").drain  # type: ignore[union-attr]
+        assert app.core.cluster.find("big").drain  # type: ignore[union-attr]
         await pilot.press("slash", "escape")
         await pilot.pause()
         assert [pane.server.name for pane in app.query(ServerPane)] == ["small", "medium", "big"]
@@ -346,7 +346,7 @@ async def test_requests_key_swaps_the_events_for_the_request_log(paths: AppPaths
         assert "Connection refused" in rendered(events)
         await pilot.press("R")
         assert requests.display and not events.display
-        last = app.services.cluster.request_log[-1]  # type: ignore[union-attr]
+        last = app.core.cluster.request_log[-1]  # type: ignore[union-attr]
         await eventually(lambda: last.model in rendered(requests), timeout=3, what="the request log drawn")
         text = rendered(requests)
         assert "status" in text and f"{last.latency:.1f} s" in text and str(last.tokens) in text
@@ -416,7 +416,7 @@ async def test_gpu_pane(paths: AppPaths, nvml: FakeNvml, expected: list[str]) ->
         for part in expected:
             assert part in text
         assert pane.has_class("-listing") == (nvml.gpus != [] and not nvml.init_error and not nvml.count_error)
-        assert app.services.cluster.summary().total == 3  # the rest of the dashboard is unaffected
+        assert app.core.cluster.summary().total == 3  # the rest of the dashboard is unaffected
 
 
 async def test_gpu_readings_happen_at_most_once_a_second(paths: AppPaths) -> None:
@@ -521,34 +521,34 @@ def test_the_top_line_counts_rates_only_of_servers_being_scraped(tmp_path: Path)
     assert panels.current_rates(big) == (0.0, 0.0) and panels.current_rates(small)[0] > 0
 
 
-def server_of(services: Services, name: str) -> Server:
+def server_of(services: FrozenCore, name: str) -> Server:
     found = services.cluster.find(name)
     assert found is not None
     return found
 
 
-async def test_edit_keys_write_the_config_file_and_change_only_the_edited_value(tmp_path: Path, paths: AppPaths) -> None:
-    async with sims(SimConfig(model=MODEL), SimConfig(model=MODEL)) as (a, b):
+async def test_edit_keys_are_live_and_the_save_keys_write_only_the_edited_value(tmp_path: Path, paths: AppPaths) -> None:
+    async with sims(SimConfig(model=MODEL), SimConfig(model=MODEL), SimConfig(model=MODEL)) as (a, b, c):
         path = tmp_path / "servers.toml"
-        original = "# our cluster: keep this comment\n" + config_text([("alpha", a.url, 4)])
+        original = "# our cluster: keep this comment\n" + config_text([("alpha", a.url, 4), ("gamma", c.url, 4)])
         path.write_text(original)
         app = create_app(core_from_file(path, paths), paths, user_themes=False)
         async with app.run_test(size=(120, 36)) as pilot:
-            services = await ready(app, 1)
+            services = await ready(app, 2)
             await select(app, pilot, "alpha")
 
-            await pilot.press("plus")
-            await eventually(lambda: server(app, "alpha").capacity == 5, what="capacity 5")
-            assert path.read_text() == original.replace("max_concurrent_requests = 4", "max_concurrent_requests = 5")
-            await pilot.press("minus", "minus")
-            await eventually(lambda: server(app, "alpha").capacity == 3, what="capacity 3")
+            await pilot.press("plus", "plus", "minus", "d")  # live, until restart: the file is left alone
+            await eventually(lambda: server(app, "alpha").capacity == 5 and server(app, "alpha").drain, what="capacity 5, drained")
+            await pilot.pause(0.2)
+            assert path.read_text() == original
 
-            await pilot.press("d")  # a configured server's drain is kept in the file
+            await pilot.press("p")  # save: the live drain and capacity go into the file
             await eventually(lambda: "drain = true" in path.read_text(), what="drain saved")
-            assert server(app, "alpha").drain
-            await pilot.press("d")
+            saved = original.replace("max_concurrent_requests = 4", "max_concurrent_requests = 5", 1)
+            assert path.read_text().replace(", drain = true", "") == saved
+            await pilot.press("D")  # undrain, and write that
             await eventually(lambda: "drain = true" not in path.read_text(), what="undrain saved")
-            assert path.read_text() == original.replace("max_concurrent_requests = 4", "max_concurrent_requests = 3")
+            assert not server(app, "alpha").drain and path.read_text() == saved
 
             await pilot.press("a")
             await pilot.press(*b.url)
@@ -558,9 +558,13 @@ async def test_edit_keys_write_the_config_file_and_change_only_the_edited_value(
             await eventually(lambda: server(app, b.url).is_up, what="the new server up")
 
             await select(app, pilot, "alpha")
-            await pilot.press("delete", "y")
-            await eventually(lambda: a.url not in path.read_text(), what="alpha removed from the file")
+            await pilot.press("delete", "y")  # until restart: gone from the cluster, still in the file
             await eventually(lambda: services.cluster.servers.get(a.url) is None, what="alpha gone")
+            assert a.url in path.read_text()
+            await select(app, pilot, "gamma")
+            await pilot.press("delete", "Y")  # and from the file
+            await eventually(lambda: c.url not in path.read_text(), what="gamma removed from the file")
+            await eventually(lambda: services.cluster.servers.get(c.url) is None, what="gamma gone")
 
 
 async def test_an_empty_cluster_says_how_to_add_a_server(tmp_path: Path, paths: AppPaths) -> None:
@@ -578,7 +582,7 @@ async def test_escape_in_the_add_server_question_cancels_it(paths: AppPaths) -> 
     app = create_app(frozen_factory(frozen_services(paths)), paths, user_themes=False)
     async with app.run_test(size=(100, 30)) as pilot:
         await app.settled()
-        before = len(app.services.cluster)  # type: ignore[union-attr]
+        before = len(app.core.cluster)  # type: ignore[union-attr]
         await pilot.press("a", "h", "escape")
         await pilot.pause()
-        assert len(app.screen_stack) == 1 and len(app.services.cluster) == before  # type: ignore[union-attr]
+        assert len(app.screen_stack) == 1 and len(app.core.cluster) == before  # type: ignore[union-attr]

@@ -53,3 +53,13 @@ def test_no_gpu_80x24(snap_compare) -> None:  # type: ignore[no-untyped-def]
 
 def test_help_screen(snap_compare) -> None:  # type: ignore[no-untyped-def]
     assert snap_compare(frozen_app(), press=["question_mark"], terminal_size=(100, 40), run_before=settle)
+
+
+def test_help_screen_80x24(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    """At 80x24 the help scrolls: its top, with a scroll bar..."""
+    assert snap_compare(frozen_app(), press=["question_mark"], terminal_size=(80, 24), run_before=settle)
+
+
+def test_help_screen_80x24_scrolled_to_the_end(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    """...and its end: the state legend (removing too) and the log path are reachable."""
+    assert snap_compare(frozen_app(), press=["question_mark", "end"], terminal_size=(80, 24), run_before=settle)

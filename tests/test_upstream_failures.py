@@ -46,7 +46,9 @@ def test_a_non_streamed_generation_longer_than_request_timeout_is_answered_once(
     sim = start_sim("llama", extra=["--tokens-per-s", "10", "--ttft-ms", "5"])  # 20 tokens: about 2 s
     router = None
     try:
-        router = start_router(write_config(tmp_path / "servers.toml", [sim.url], timing=FAST.replace("request_timeout = 20", "request_timeout = 1")))
+        router = start_router(
+            write_config(tmp_path / "servers.toml", [sim.url], timing=FAST.replace("request_timeout = 20", "request_timeout = 1"))
+        )
         wait_healthy(router, 1)
         reply = client_for(router).chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}], max_tokens=20)
         assert reply.usage is not None and reply.usage.completion_tokens == 20
@@ -65,7 +67,9 @@ def test_a_server_that_stops_mid_generation_is_left_for_a_peer(tmp_path: Path) -
         router = start_router(write_config(tmp_path / "servers.toml", [sim.url for sim in sims], timing=timing))
         wait_healthy(router, 2)
         result: dict[str, Any] = {}
-        thread = threading.Thread(target=lambda: result.update(answer=http.post(router.url + "/v1/chat/completions", json=chat(max_tokens=20), timeout=60)))
+        thread = threading.Thread(
+            target=lambda: result.update(answer=http.post(router.url + "/v1/chat/completions", json=chat(max_tokens=20), timeout=60))
+        )
         thread.start()
         frozen = wait_until(lambda: next((sim for sim in sims if sim_state(sim)["running"] == 1), None), what="the request running")
         os.killpg(frozen.pid, signal.SIGSTOP)

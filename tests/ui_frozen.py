@@ -8,13 +8,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from mvtui.cluster.state import ClusterEvent, EngineMetrics, RequestRecord
 from mvtui.config.schema import Config, RouterConfig, ServerConfig, UiConfig
 from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
-from mvtui.runtime.wiring import Services
+from mvtui.cluster.sleep_wake import Controller
+from mvtui.cluster.state import Cluster
+from mvtui.control.live_config import LiveConfig
+from mvtui.control.operator import Operator
+from mvtui.errors import ConfigError
+from mvtui.instances.manager import InstanceManager
 
 FROZEN_AT = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
 GIB = 1024**3
@@ -39,18 +44,55 @@ FROZEN_SERVERS = {
 }
 
 
+@dataclass
+class FrozenCore:
+    """What the dashboard reads of a running core (mvtui.ui.core.Core), never started: no
+    network, no tasks. The operator's verbs work on the cluster and the live config."""
+
+    cluster: Cluster
+    live: LiveConfig
+    gpu: GpuProbe
+    operator: Operator
+    router_port: int | None = 8888
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
+
+    @property
+    def config_path(self) -> Path | None:
+        return self.live.path
+
+    @property
+    def config_error(self) -> ConfigError | None:
+        return self.live.error
+
+    @property
+    def router_url(self) -> str:
+        return f"http://127.0.0.1:{self.router_port}"
+
+
+def frozen_core(config: Config, paths: AppPaths, gpu: GpuProbe) -> FrozenCore:
+    cluster = Cluster(config.timing, lambda: 1000.0)
+    live = LiveConfig(config, emit=lambda kind, message: cluster.emit(kind, "config", message))
+    live.on_change(lambda old, new: [f"added {server.url}" for server in cluster.apply(new.servers, new.timing)])
+    no_network: Any = None  # nothing here ever calls a server
+    control = Controller(cluster, no_network, lambda: live.current.timing, cluster.clock)
+    instances = InstanceManager(cluster, control, no_network, paths.instance_logs, lambda: live.current.timing, gpu, cluster.clock)
+    return FrozenCore(cluster, live, gpu, Operator(cluster, live, control, instances))
+
+
 def frozen_services(
-    paths: AppPaths, names: tuple[str, ...] = ("small", "medium", "big"), nvml: "FakeNvml | None" = None, ui: UiConfig = UiConfig()
-) -> Services:
-    """Services that are never started: its cluster holds fixed, hand-set state."""
+    paths: AppPaths, names: tuple[str, ...] = ("small", "medium", "big"), nvml: "FakeNvml | None" = None, ui: UiConfig | None = None
+) -> FrozenCore:
+    """A core that is never started: its cluster holds fixed, hand-set state."""
     configs = tuple(
         ServerConfig(url=f"http://10.0.0.{11 + index}:8000", name=name, max_concurrent_requests=FROZEN_SERVERS[name][0])
         for index, name in enumerate(names)
     )
-    config = Config(router=RouterConfig(host="127.0.0.1", port=8888), servers=configs, ui=ui)
-    services = Services(config, paths=paths, clock=lambda: 1000.0, gpu=GpuProbe(nvml if nvml is not None else two_gpus()))
+    config = Config(router=RouterConfig(host="127.0.0.1", port=8888), servers=configs, ui=ui or UiConfig())
+    services = frozen_core(config, paths, GpuProbe(nvml if nvml is not None else two_gpus()))
     services.cluster.apply(config.servers, config.timing)
-    services.router_port = 8888
     for name in names:
         _freeze(services, name)
     services.cluster.events.clear()  # apply() told of each server added, at the real time
@@ -63,7 +105,7 @@ def frozen_services(
     return services
 
 
-def _freeze(services: Services, name: str) -> None:
+def _freeze(services: FrozenCore, name: str) -> None:
     server = services.cluster.find(name)
     assert server is not None
     capacity, running, waiting, kv, in_flight, requests, tokens, ttft = FROZEN_SERVERS[name]
@@ -87,11 +129,11 @@ def _freeze(services: Services, name: str) -> None:
         server.sleep_level = 1
 
 
-def frozen_factory(services: Services) -> Callable[[], contextlib.AbstractAsyncContextManager[Services]]:
-    """A core factory that hands out the frozen services, never started."""
+def frozen_factory(services: FrozenCore) -> Callable[[], contextlib.AbstractAsyncContextManager[FrozenCore]]:
+    """A core factory that hands out the frozen core, never started."""
 
     @contextlib.asynccontextmanager
-    async def open_core() -> AsyncIterator[Services]:
+    async def open_core() -> AsyncIterator[FrozenCore]:
         yield services
 
     return open_core

@@ -1,4 +1,4 @@
-"""`mvtui ps | info | start | stop | sleep | wake | drain | undrain | save | add-server |
+"""`mvtui ps | top | info | start | stop | sleep | wake | drain | undrain | save | add-server |
 remove-server | set-capacity`: the running mvtui's
 admin API from the shell. Tables for people, `--json` for scripts.
 
@@ -9,22 +9,72 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
-from mvtui.paths import AppPaths
+from mvtui.admin.running import RunningMvtui, running_mvtuis
+from mvtui.admin.wire import Answer, WireError, exchange
 
-ADMIN_COMMANDS = ("ps", "info", "start", "stop", "sleep", "wake", "drain", "undrain", "save", "add-server", "remove-server", "set-capacity")
+if TYPE_CHECKING:  # the CLI loads only the standard library: it is given the paths
+    from mvtui.paths import AppPaths
+
+ADMIN_COMMANDS = (
+    "ps",
+    "top",
+    "info",
+    "start",
+    "stop",
+    "sleep",
+    "wake",
+    "drain",
+    "undrain",
+    "save",
+    "add-server",
+    "remove-server",
+    "set-capacity",
+)
 PERSIST_HELP = "also write the change to the config file (without it, the change lasts until mvtui stops)"
 EXIT_FAILED = 1
 EXIT_NOT_RUNNING = 3
 POLL_S = 0.5
 DEFAULT_TIMEOUT_S = 900.0
+UNTIL_STOP = "It lasts until mvtui stops; --persist writes it to the config file instead, keeping the file's comments."
+DESCRIPTIONS = {
+    "ps": "List the servers and local instances of the running mvtui: state, models, requests in flight, load, "
+    "local or remote, PID and URL.",
+    "top": "What the dashboard shows, once, as plain text: each server's state, models, running and waiting requests "
+    "against its capacity, load, KV cache use, requests in flight, requests/s, tokens/s and median time to first "
+    "token; then the GPUs when mvtui can read them. For scripts and terminals where the dashboard cannot run.",
+    "info": "Show the running mvtui's version, PID, router and admin API addresses, config file (its absolute path), "
+    "routing policy, servers, models, log folders and GPUs.",
+    "start": "Start a local vLLM instance: one of [[instances]] in the config file, or one made earlier with --new. "
+    "With --new, create an instance that serves MODEL, described by the options below. Prints its progress until "
+    "it serves, fails, or --timeout passes (--no-wait: returns once the start has begun).",
+    "stop": "Stop a local vLLM instance: no new requests, those in flight finish, then SIGTERM to its process group "
+    "(SIGKILL after [config] shutdown_timeout).",
+    "sleep": "Put a server to sleep with vLLM's sleep mode, freeing its GPU memory: no new requests, those in flight "
+    "finish (up to [config] drain_timeout), then /sleep. Level 1 moves the weights to CPU memory, level 2 drops "
+    "them. vLLM must run with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1.",
+    "wake": "Wake a sleeping server: /wake_up, and after a level 2 sleep also reload its weights and reset its prefix "
+    "cache. It takes requests again once awake.",
+    "drain": "Stop sending new requests to a server; the requests in flight finish. " + UNTIL_STOP,
+    "undrain": "Send requests to a drained server again. " + UNTIL_STOP,
+    "save": "Write a server's live drain and capacity (from drain, undrain or set-capacity without --persist) to "
+    "the config file, keeping the file's comments.",
+    "add-server": "Add a vLLM server (any OpenAI-compatible URL) to the cluster and write it to the config file (live "
+    "only when mvtui runs without one). It gets requests once it answers /health.",
+    "remove-server": "Remove a server: no new requests, those in flight finish, then it goes. Without --persist it "
+    "comes back when mvtui restarts.",
+    "set-capacity": "Change a server's max_concurrent_requests: how many requests at once the router lets it have. " + UNTIL_STOP,
+}
+
+
+ADMIN_ENV = "MVTUI_ADMIN"
+ADMIN_HELP = f"which running mvtui, when several run on this machine: its PID, router or admin port, or URL (default: ${ADMIN_ENV})"
 
 
 class NotRunning(Exception):
@@ -39,15 +89,20 @@ def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
     common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="give up after this many seconds")
-    add = subparsers.add_parser
+    common.add_argument("--admin", metavar="MVTUI", help=ADMIN_HELP)
+
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, description=DESCRIPTIONS[name], **kwargs)  # type: ignore[no-any-return]
+
     add("ps", parents=[common], help="list the servers and local instances of the running mvtui")
+    add("top", parents=[common], help="print what the dashboard shows, once, as plain text")
     add("info", parents=[common], help="show the running mvtui's addresses, config and GPUs")
     start = add("start", parents=[common], help="start a local vLLM instance (from [[instances]]; a new one with --new)")
     start.add_argument("model", metavar="MODEL", help="an instance's name (with --new: a model to serve)")
     start.add_argument("--new", action="store_true", help="create a new instance serving MODEL (the options below describe it)")
     start.add_argument("--name", help="instance name (default: the served model name)")
     start.add_argument("--served-model-name", help="the model name clients ask for")
-    start.add_argument("--port", dest="instance_port", type=int, help="port (default: a free one from 8100-8199)")
+    start.add_argument("--port", dest="instance_port", metavar="PORT", type=int, help="port (default: a free one from 8100-8199)")
     start.add_argument("--devices", help='GPU indices, e.g. "0,1" (CUDA_VISIBLE_DEVICES)')
     start.add_argument("--gpu-memory-utilization", type=float, help="share of each GPU's memory vLLM may take")
     start.add_argument("--max-model-len", type=int)
@@ -86,47 +141,43 @@ def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
 
 
 class AdminClient:
-    def __init__(self, url: str, token: str, timeout: float) -> None:
+    def __init__(self, url: str, token: str, timeout: float, who: str = "mvtui") -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+        self.who = who
 
     @classmethod
-    def from_file(cls, path: Path, timeout: float) -> "AdminClient":
-        try:
-            details = json.loads(path.read_text(encoding="utf-8"))
-            return cls(details["url"], details["token"], timeout)
-        except FileNotFoundError:
-            raise NotRunning(f"no mvtui is running ({path} does not exist); start one with `mvtui` or `mvtui --no-ui`") from None
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise NotRunning(f"cannot read {path}: {error}") from None
+    def of(cls, mvtui: RunningMvtui, timeout: float) -> AdminClient:
+        if mvtui.admin_url is None:
+            raise AdminFailure(f"mvtui PID {mvtui.pid} is running, but its admin API is off: {mvtui.admin_off}")
+        return cls(mvtui.admin_url, mvtui.token, timeout, who=f"mvtui PID {mvtui.pid}")
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One admin API call (straight to loopback, never via a proxy); its JSON answer."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
         try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            raise AdminFailure(_error_message(error)) from None
-        except (urllib.error.URLError, ConnectionError) as error:
-            reason = getattr(error, "reason", error)
-            if isinstance(reason, TimeoutError):
-                raise AdminFailure(f"no answer from mvtui within {self.timeout:g} s") from None
-            raise NotRunning(f"no mvtui is running: nothing answers at {self.url} ({reason}); the admin file is stale") from None
+            answer = exchange(self.url + path, method, headers, data, self.timeout)
         except TimeoutError:
-            raise AdminFailure(f"no answer from mvtui within {self.timeout:g} s") from None
+            raise AdminFailure(f"no answer from {self.who} within {self.timeout:g} s") from None
+        except OSError as error:
+            reason = error.strerror or error
+            raise AdminFailure(f"{self.who} is running, but nothing answers at {self.url} ({reason})") from None
+        except WireError as error:
+            raise AdminFailure(f"{self.url} did not answer like mvtui: {error}") from None
+        if answer.status >= 400:
+            raise AdminFailure(_error_message(answer))
+        return json.loads(answer.body or b"null")
 
 
-def _error_message(error: urllib.error.HTTPError) -> str:
+def _error_message(answer: Answer) -> str:
     try:
-        return str(json.loads(error.read())["error"]["message"])
+        return str(json.loads(answer.body)["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        return f"mvtui answered {error.code} {error.reason}"
+        return f"mvtui answered {answer.status} {answer.reason}"
 
 
 def quoted(name: str) -> str:
@@ -138,7 +189,8 @@ def quoted(name: str) -> str:
 
 def run_admin_command(args: argparse.Namespace, paths: AppPaths, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     try:
-        client = AdminClient.from_file(paths.admin_file, args.timeout)
+        wanted = args.admin or os.environ.get(ADMIN_ENV) or None
+        client = AdminClient.of(choose(running_mvtuis(paths.admin_dir), wanted, paths.admin_dir), args.timeout)
         return COMMANDS[args.command](client, args, out)
     except NotRunning as error:
         print(f"mvtui {args.command}: {error}", file=err)
@@ -146,6 +198,28 @@ def run_admin_command(args: argparse.Namespace, paths: AppPaths, out: TextIO = s
     except AdminFailure as error:
         print(f"mvtui {args.command}: {error}", file=err)
         return EXIT_FAILED
+
+
+def choose(running: list[RunningMvtui], wanted: str | None, folder: Path) -> RunningMvtui:
+    """The mvtui to talk to: the one `wanted` names, else the only one running."""
+    if wanted:
+        named = [mvtui for mvtui in running if mvtui.answers_to(wanted)]
+        if len(named) == 1:
+            return named[0]
+        if not named:
+            raise NotRunning(
+                f"no running mvtui is {wanted!r}" + (_listed(running, "; running now:") or f" (no live admin file in {folder})")
+            )
+        raise AdminFailure(f"{wanted!r} names {len(named)} running mvtui; use a PID{_listed(named, ':')}")
+    if len(running) == 1:
+        return running[0]
+    if not running:
+        raise NotRunning(f"no mvtui is running (no live admin file in {folder}); start one with `mvtui` or `mvtui --no-ui`")
+    raise AdminFailure(f"{len(running)} mvtui are running; choose one with --admin PID (or ${ADMIN_ENV}){_listed(running, ':')}")
+
+
+def _listed(running: list[RunningMvtui], head: str) -> str:
+    return "".join([head, *(f"\n  {mvtui.describe()}" for mvtui in running)]) if running else ""
 
 
 def _ps(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
@@ -206,7 +280,7 @@ def _info(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
         ("admin API", info["admin_url"]),
         ("config", info["config_path"] or "none"),
         ("policy", info["policy"]),
-        ("servers", f"{info['servers']} ({info['instances']} local instances)"),
+        ("servers", f"{info['servers']} ({_counted(info['instances'], 'local instance')})"),
         ("models", ", ".join(info["models"]) or "none"),
         ("in flight", str(info["in_flight"])),
         ("logs", info["log_dir"]),
@@ -215,6 +289,17 @@ def _info(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
     ]
     width = max(len(key) for key, _ in rows)
     print("\n".join(f"{key.ljust(width)}  {value}" for key, value in rows), file=out)
+    return 0
+
+
+def _top(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    from mvtui.admin.top import format_top
+
+    info = client.call("GET", "/info")
+    servers = client.call("GET", "/servers")["servers"]
+    if args.json:
+        return _print_json({"info": info, "servers": servers}, out)
+    print(format_top(info, servers), file=out)
     return 0
 
 
@@ -329,12 +414,17 @@ def _print_json(payload: Any, out: TextIO) -> int:
     return 0
 
 
+def _counted(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _gib(size: int | None) -> str:
     return "?" if size is None else f"{size / 1024**3:.1f} GiB"
 
 
 COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace, TextIO], int]] = {
     "ps": _ps,
+    "top": _top,
     "info": _info,
     "start": _start,
     "stop": _stop,

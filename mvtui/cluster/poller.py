@@ -2,8 +2,8 @@
 
 One task per server, so a slow server never delays the others; every call has a timeout
 shorter than its interval. Each task is supervised: an unexpected error is logged with the
-server's name and shown on the server (`last_error`, `poll_crashes`, an "error" event), and
-polling goes on after a pause that doubles with every crash in a row. A server that does not
+server's name and shown (the server's `last_error` and `poll_crashes`, a "crash" event, and
+`faults` in /health until a round succeeds again), and polling goes on after a pause that doubles with every crash in a row. A server that does not
 answer is probed less and less often (doubling, up to a cap), so that thousands of dead
 servers cost little. A /metrics that fails while /health answers is no health failure.
 """
@@ -14,8 +14,8 @@ import asyncio
 import enum
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import aiohttp
 
@@ -104,7 +104,7 @@ class Poller:
         for url, server in current.items():
             if url not in self._tasks:
                 self._watched[url] = server
-                self._tasks[url] = asyncio.create_task(self._watch(server), name=f"poll {server.name}")
+                self._tasks[url] = asyncio.create_task(self._watch(server), name=_part(server))
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -121,14 +121,20 @@ class Poller:
 
     async def _watch(self, server: Server) -> None:
         schedule = _Schedule()
-        while True:
-            try:
-                pause = await self._cycle(server, schedule)
-                schedule.crashes = 0
-            except Exception as error:  # CancelledError is no Exception: stop() still works
-                schedule.crashes += 1
-                pause = self._crashed(server, error, schedule.crashes)
-            await asyncio.sleep(pause)
+        try:
+            while True:
+                try:
+                    pause = await self._cycle(server, schedule)
+                except Exception as error:  # CancelledError is no Exception: stop() still works
+                    schedule.crashes += 1
+                    pause = self._crashed(server, error, schedule.crashes)
+                else:
+                    if schedule.crashes:
+                        schedule.crashes = 0
+                        self.cluster.part_fault(_part(server), None)  # "running again"
+                await asyncio.sleep(pause)
+        finally:
+            self.cluster.faults.pop(_part(server), None)  # a server no longer polled has no fault
 
     async def _cycle(self, server: Server, schedule: _Schedule) -> float:
         """One round of polls; returns the pause before the next."""
@@ -173,7 +179,7 @@ class Poller:
         server.last_error = message
         if server.health.failure(message):  # a server that cannot be polled is not known to be up
             self.cluster.emit("down", server, f"down: {message}")
-        self.cluster.emit("error", server, f"{message}; polling again in {pause:.1f} s")
+        self.cluster.part_fault(_part(server), f"{message}; polling again in {pause:.1f} s")  # /health shows it
         return pause
 
     # --- the polls --------------------------------------------------------------------
@@ -230,7 +236,7 @@ class Poller:
         epoch = server.sleep_epoch
         try:
             text = await client.metrics_text()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._count_error(server, "metrics")  # busy, not dead: the health probe decides
             return Scrape.BUSY
         except (aiohttp.ClientConnectionError, OSError):
@@ -268,6 +274,11 @@ class Poller:
             if not self._hook_failed:
                 self._hook_failed = True
                 log.exception("the poll error hook failed (for %s, %s)", server.name, kind)
+
+
+def _part(server: Server) -> str:
+    """The poll task's name as /health's `faults` and the events show it."""
+    return f"poll {server.name}"
 
 
 def _is_invalid_url(error: BaseException) -> bool:

@@ -102,9 +102,8 @@ class Controller:
         asleep = False
         try:
             if not await self._drained(server, timing.drain_timeout):
-                raise CommandError(
-                    f"{server.name} still has {server.in_flight} requests in flight after {timing.drain_timeout:g} s; not sleeping"
-                )
+                left = f"{server.in_flight} request{'' if server.in_flight == 1 else 's'}"
+                raise CommandError(f"{server.name} still has {left} in flight after {timing.drain_timeout:g} s; not sleeping")
             asleep = await self._post_sleep(server, level)
         finally:
             # No await between these writes: the router never sees a half-set state.
@@ -148,12 +147,22 @@ class Controller:
     # --- wake ---------------------------------------------------------------------------
 
     async def wake(self, key: str) -> Server:
-        """Wake a server (shares a wake already under way); raises CommandError."""
+        """Wake a server (shares a wake already under way); CommandError says why it cannot
+        be woken: not running, down, or not asleep."""
         server = self.cluster.require(key)
         if server.lifecycle not in (None, "running"):
             raise CommandError(f"{server.name} is {server.lifecycle}; start it instead")
+        if not (server.asleep or server.sleep_pending or self.busy(server)):
+            await self._check_sleeping(server)
         await asyncio.shield(self.wake_task(server))
         return server
+
+    async def _check_sleeping(self, server: Server) -> None:
+        """A server mvtui does not know asleep may have been put to sleep behind its back: ask it."""
+        if not server.is_up:
+            raise CommandError(f"{server.name} is {server.health.state.value}{_because(server)}; only a sleeping server can be woken")
+        if not await self._observed_level(server, self.client(server)):
+            raise CommandError(f"{server.name} is not asleep (it is {server.state}): nothing to wake")
 
     def wake_task(self, server: Server) -> asyncio.Task[None]:
         """The one wake of this server: started now, or the one every caller already waits on."""
@@ -282,10 +291,14 @@ def _check_sleepable(server: Server, level: int) -> None:
         raise CommandError(f"sleep level must be 1 or 2, got {level}")
     if server.lifecycle not in (None, "running"):
         raise CommandError(f"{server.name} is {server.lifecycle}; only a running server can sleep")
+    if not server.is_up and not server.asleep:  # first: a down server cannot sleep, whatever its mode
+        raise CommandError(f"{server.name} is {server.health.state.value}{_because(server)}; only a server that is up can sleep")
     if server.sleep_capable is False:
         raise CommandError(f"{server.name} {NO_SLEEP_MODE}")
-    if not server.is_up and not server.asleep:
-        raise CommandError(f"{server.name} is {server.health.state.value}; cannot put it to sleep")
+
+
+def _because(server: Server) -> str:
+    return f" ({server.last_error})" if server.last_error else ""
 
 
 def _wake_candidate(servers: list[Server], wakes: dict[str, asyncio.Task[None]]) -> Server | None:

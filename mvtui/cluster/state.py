@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from mvtui.config.schema import ServerConfig, TimingConfig
 from mvtui.errors import UnknownServer
@@ -122,7 +122,7 @@ class Server:
         self.health = HealthTracker(timing.fail_threshold, timing.recover_threshold)
         self.metrics = EngineMetrics()
         self.discovered_models: tuple[str, ...] = ()
-        self.model_cards: list[dict] = []
+        self.model_cards: list[dict[str, Any]] = []
         self.in_flight = 0
         self.sent_total = 0
         self.sent_at_scrape = 0

@@ -43,7 +43,6 @@ class _Sums:
     legacy: dict[str, float] = field(default_factory=dict)
     kv_new: list[float] = field(default_factory=list)
     kv_legacy: list[float] = field(default_factory=list)
-    per_model: dict[str, dict[str, float]] = field(default_factory=dict)
     sleep_state: str | None = None
 
 
@@ -115,9 +114,6 @@ def _accumulate(sums: _Sums, name: str, labels: str, value: float) -> None:
     elif name in _FIELD_BY_METRIC:
         key = _FIELD_BY_METRIC[name]
         sums.values[key] = sums.values.get(key, 0.0) + value
-        if key in ("running", "waiting"):
-            model = sums.per_model.setdefault(_label(labels, "model_name"), {})
-            model[key] = model.get(key, 0.0) + value
     else:
         key = _LEGACY_FIELD_BY_METRIC[name]
         sums.legacy[key] = sums.legacy.get(key, 0.0) + value
@@ -220,7 +216,9 @@ class VllmClient:
         async with self.session.get(self.url + path, headers=self.headers, timeout=self.timeout) as response:
             return response.status, await read_bounded(response, path)
 
-    async def _post(self, path: str, *, params: dict | None = None, json: dict | None = None, timeout: float | None = None) -> None:
+    async def _post(
+        self, path: str, *, params: dict[str, str] | None = None, json: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> None:
         limit = aiohttp.ClientTimeout(total=timeout) if timeout else self.timeout
         async with self.session.post(self.url + path, headers=self.headers, params=params, json=json, timeout=limit) as response:
             body = await response.text()

@@ -141,7 +141,7 @@ class Config:
     instances: tuple[InstanceConfig, ...] = ()
 
 
-_USERINFO = re.compile(r"(?<=//)[^/?#@]*@")
+_USERINFO = re.compile(r"(?<=//)[^/?#]*@")  # up to the last @ of the authority
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -263,7 +263,7 @@ def _url(value: Any) -> str | None:
         return f"a URL cannot contain spaces or control characters: {shown}"
     try:
         parts = urlsplit(text)
-        parts.port  # raises for a port that is not a number within 0-65535
+        _ = parts.port  # raises for a port that is not a number within 0-65535
     except ValueError as error:
         return f"not a valid URL ({error}): {shown}"
     if parts.scheme.lower() not in DEFAULT_PORTS or not parts.hostname:

@@ -62,17 +62,18 @@ class Operator:
         return await self._set_drain(self.find(key), False, persist)
 
     async def _set_drain(self, server: Server, drained: bool, persist: bool) -> Outcome:
-        said = f"{server.name}: {'draining, ' + str(server.in_flight) + ' in flight' if drained else 'taking requests again'}"
+        what = f"draining, {_requests(server.in_flight)} in flight" if drained else "taking requests again"
+        said = f"{server.name}: {what}"
         if server.lifecycle is not None:  # a local instance: not a [servers] entry
             if persist:
                 raise CommandError(f"{server.name} is a managed instance: its drain lasts until it stops and is not saved")
             if server.drain != drained:
                 server.drain = drained
-                self.cluster.emit("drain" if drained else "undrain", server, said)
-            return Outcome(server.name, server.url, said)
+                self.cluster.emit("drain" if drained else "undrain", server, what)
+            return Outcome(server.name, server.display_url, said)
         self._configured(server)
         if server.drain != drained:
-            self.cluster.emit("drain" if drained else "undrain", server, said)
+            self.cluster.emit("drain" if drained else "undrain", server, what)
         if persist:
             change = set_server_value(server.url, "drain", True) if drained else unset_server_value(server.url, "drain", False)
             return await self._save(server, said, change, lambda overlay: overlay.forget(server.url, "drain"))
@@ -93,7 +94,12 @@ class Operator:
     async def remove_server(self, key: str, *, persist: bool = False) -> Outcome:
         """No new requests for it; those in flight finish, then it goes."""
         server = self._configured(self.find(key))
-        said = f"removing {server.name}: {server.in_flight} requests in flight finish first"
+        waiting = (
+            f"{server.in_flight} request{'s' if server.in_flight > 1 else ''} in flight finish first"
+            if server.in_flight
+            else "nothing in flight"
+        )
+        said = f"removing {server.name}: {waiting}"
         if persist and server.url in self.live.overlay.added:
             persist = False  # it was never in the file
         if persist:
@@ -106,7 +112,7 @@ class Operator:
         server = self._configured(self.find(key))
         live = self.live.overlay.changes_for(server.url)
         if not live:
-            return Outcome(server.name, server.url, f"{server.name}: nothing to save (the file already says this)", self.live.path)
+            return Outcome(server.name, server.display_url, f"{server.name}: nothing to save (the file already says this)", self.live.path)
         said = f"{server.name}: saved " + ", ".join(_describe(name, value) for name, value in live.items())
 
         def change(document: Any) -> None:
@@ -129,12 +135,12 @@ class Operator:
             self.live.change(lambda overlay: overlay.removed.discard(config.url))
             return self._live(existing, f"{existing.name} is back (it was removed until restart)")
         if existing is not None and not existing.removed:
-            raise CommandError(f"{config.url} is already in the cluster (as {existing.name})")
-        said = f"added {config.url}"
+            raise CommandError(f"{config.display_url} is already in the cluster (as {existing.name})")
+        said = f"added {config.display_url}"
         if self.live.path is None:
             self.live.change(lambda overlay: overlay.added.__setitem__(config.url, config))
-            return Outcome(config.label, config.url, f"{said} ({NO_FILE})")
-        return await self._edit(config.label, config.url, said, add_server_entry(config), None)
+            return Outcome(config.label, config.display_url, f"{said} ({NO_FILE})")
+        return await self._edit(config.label, config.display_url, said, add_server_entry(config), None)
 
     # --- sleep, wake, local instances ----------------------------------------------------
 
@@ -169,12 +175,12 @@ class Operator:
 
     def _live(self, server: Server, said: str) -> Outcome:
         until = "until restart" if self.live.path is not None else NO_FILE
-        return Outcome(server.name, server.url, f"{said} ({until})")
+        return Outcome(server.name, server.display_url, f"{said} ({until})")
 
     async def _save(self, server: Server, said: str, change: Change, settle: Any) -> Outcome:
         if self.live.path is None:
             raise CommandError(f"{said}: cannot be saved, mvtui runs without a config file")
-        return await self._edit(server.name, server.url, said, change, settle)
+        return await self._edit(server.name, server.display_url, said, change, settle)
 
     async def _edit(self, name: str, url: str, said: str, change: Change, settle: Any) -> Outcome:
         try:
@@ -182,6 +188,10 @@ class Operator:
         except ConfigEditError as error:
             raise CommandError(str(error)) from None
         return Outcome(name, url, f"{said} (saved to {self.live.path})", self.live.path)
+
+
+def _requests(count: int) -> str:
+    return f"{count} request{'' if count == 1 else 's'}"
 
 
 def _remove(overlay: Overlay, url: str) -> None:

@@ -19,7 +19,7 @@ import logging
 import resource
 import socket
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -45,6 +45,7 @@ MAX_PENDING_REFUSALS = 32  # 503s still being delivered; beyond this, excess con
 # polls: the loop, logs, listening sockets, connections accepted and not yet refused.
 FD_RESERVE = 64 + 4 * ACCEPT_BURST + MAX_PENDING_REFUSALS
 REFUSAL_LINGER_S = 1.0
+SWEEP_S = 0.5  # how often connections are checked for late headers
 NOTE_EVERY_S = 10.0
 
 
@@ -52,8 +53,7 @@ def _raw_answer(status: int, reason: str, message: str, extra: str = "") -> byte
     """A whole HTTP/1.1 answer with an OpenAI error body, for connections aiohttp does not own."""
     body = json.dumps(error_body(status, message)).encode()
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n"
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n"
     )
     return head.encode() + body
 
@@ -127,33 +127,34 @@ HTTP_LOG.addFilter(_OneLine())
 
 
 class GuardedConnection(asyncio.Protocol):
-    """aiohttp's protocol for one client connection, with a deadline on request headers."""
+    """aiohttp's protocol for one client connection, and since when it has been waiting for
+    a request's headers (the gate's sweep closes it past `header_timeout`)."""
 
     def __init__(self, inner: RequestHandler, gate: ConnectionGate) -> None:
         self.inner = inner
         self.gate = gate
         self.transport: asyncio.Transport | None = None
         self.busy = False  # a request is being handled
-        self._partial = False  # bytes of a request whose headers are not complete yet
+        self.waiting_since: float | None = None  # for the headers of a request to complete
+        self._partial = False  # some bytes of that request have come
         self._bytes_while_busy = False
-        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.waiting_since = self.gate.loop.time()  # a new connection owes a request
         self.inner.connection_made(transport)
-        self._arm()
 
     def data_received(self, data: bytes) -> None:
         if self.busy:
             self._bytes_while_busy = True
         else:
             self._partial = True
-            if self._timer is None:
-                self._arm()
+            if self.waiting_since is None:
+                self.waiting_since = self.gate.loop.time()
         self.inner.data_received(data)
 
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
+    def eof_received(self) -> None:
+        self.inner.eof_received()  # nothing to keep open for: the transport closes
 
     def pause_writing(self) -> None:
         self.inner.pause_writing()
@@ -162,32 +163,20 @@ class GuardedConnection(asyncio.Protocol):
         self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
         self.gate.closed(self)
         self.inner.connection_lost(exc)
 
     def request_started(self) -> None:
-        self.busy, self._partial, self._bytes_while_busy = True, False, False
-        self._disarm()
+        self.busy, self.waiting_since, self._partial, self._bytes_while_busy = True, None, False, False
 
     def request_finished(self) -> None:
         self.busy = False
         if self._bytes_while_busy:  # the next request began to arrive meanwhile: time it
-            self._partial = True
-            self._arm()
+            self._partial, self.waiting_since = True, self.gate.loop.time()
 
-    def _arm(self) -> None:
-        self._disarm()
-        delay = self.gate.limits().header_timeout
-        self._timer = asyncio.get_running_loop().call_later(delay, self._expired)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _expired(self) -> None:
-        self._timer = None
+    def expire(self) -> None:
+        """Its headers are late: a 408 when a request had begun, then closed."""
+        self.waiting_since = None
         if self.busy or self.transport is None or self.transport.is_closing():
             return
         if self._partial:
@@ -235,6 +224,8 @@ class ConnectionGate:
         self.config = config
         self.open_files = open_files
         self.connections: dict[RequestHandler, GuardedConnection] = {}
+        self.loop = asyncio.get_running_loop()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.refusing = 0
         self.refused = _Notes("refused a client connection: [limits] max_connections (%d) are open")
         self.slow_headers = _Notes("closed a connection whose request headers were not complete within [limits] header_timeout")
@@ -258,11 +249,26 @@ class ConnectionGate:
         wanted, capacity = config.limits.max_connections, connection_capacity(self.open_files, config)
         if wanted > capacity and self._clamped_at != capacity:
             self._clamped_at = capacity
-            log.warning("[limits] max_connections = %d is more than the open-file limit (%d) allows; using %d", wanted, self.open_files, capacity)
+            log.warning(
+                "[limits] max_connections = %d is more than the open-file limit (%d) allows; using %d", wanted, self.open_files, capacity
+            )
         return min(wanted, capacity)
 
     def closed(self, connection: GuardedConnection) -> None:
         self.connections.pop(connection.inner, None)
+
+    def sweep(self) -> None:
+        """Close the connections whose request headers are late; again every SWEEP_S (one
+        timer for all of them, none per request)."""
+        late = self.loop.time() - self.limits().header_timeout
+        for connection in list(self.connections.values()):
+            if connection.waiting_since is not None and connection.waiting_since <= late:
+                connection.expire()
+        self._sweeper = self.loop.call_later(SWEEP_S, self.sweep)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     def connection_of(self, request: web.BaseRequest) -> GuardedConnection | None:
         return self.connections.get(request.protocol)
@@ -288,6 +294,11 @@ class _Site(web.BaseSite):
                 same.listen(self._backlog)
         self._server = server
         self.port = server.sockets[0].getsockname()[1]
+        self.gate.sweep()
+
+    async def stop(self) -> None:
+        self.gate.stop_sweeping()
+        await super().stop()
 
 
 class FrontDoor:

@@ -7,7 +7,7 @@ an uncompressed answer, and a server's own key replaces whatever the client sent
 from __future__ import annotations
 
 import hmac
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -103,7 +104,7 @@ class Proxy:
         if not self.authorized(request):
             self._record_rejection(request, None, 401, time.perf_counter())
             return error_response(401, "Invalid or missing API key", code="invalid_api_key")
-        cards: dict[str, dict] = {}
+        cards: dict[str, dict[str, Any]] = {}
         for server in self.cluster:
             # a managed instance's model is served even while it is stopped: it starts on demand
             if server.removed or not (server.is_up or server.lifecycle is not None):
@@ -118,8 +119,7 @@ class Proxy:
         model: str | None = None
         try:
             self._admit(request)
-            body = await self._read_body(request, config)
-            body, model, stream = self._read_model(body)
+            body, model, stream = self._read_model(await self._read_body(request, config))
             return await self._dispatch(request, Plan(model, body, stream, config), started)
         except ProxyError as error:
             if not error.recorded:
@@ -228,7 +228,9 @@ class Proxy:
         self, request: web.Request, server: Server, plan: Plan, started: float, excluded: set[str], *, last: bool
     ) -> tuple[web.StreamResponse | None, Outcome]:
         """One try on one server; no response means: try another."""
-        spare = not last and self._may_retry(plan.model, excluded | {server.url})
+        def spare() -> bool:  # asked only when the server answered badly
+            return not last and self._may_retry(plan.model, excluded | {server.url})
+
         try:
             response, outcome = await attempt(self.session, request, server, plan, started, spare=spare)
         except AttemptFailed as failed:

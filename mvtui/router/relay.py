@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, TypeVar
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -101,16 +102,18 @@ def upstream_timeout(request_timeout: float, stream: bool) -> aiohttp.ClientTime
 
 
 async def attempt(
-    session: aiohttp.ClientSession, request: web.Request, server: Server, plan: Plan, started: float, *, spare: bool
+    session: aiohttp.ClientSession, request: web.Request, server: Server, plan: Plan, started: float, *, spare: Callable[[], bool]
 ) -> tuple[web.StreamResponse, Outcome]:
-    """One try; AttemptFailed when the server failed before the client got a byte. With
-    `spare` (another server could take it) a 5xx answer is a failed try, else it is relayed."""
+    """One try; AttemptFailed when the server failed before the client got a byte. When
+    `spare()` (another server could take it) a 5xx answer is a failed try, else it is relayed."""
     upstream = await _send_upstream(session, request, server, plan)
     try:
         failure = _failed_status(upstream.status)
-        if failure is not None and (spare or failure.kind == "redirect" or plan.config.router.scrub_upstream_errors):
-            status = 502 if failure.kind == "redirect" else upstream.status
-            raise AttemptFailed(status, failure, plan.message(server, failure), exclude=True, retry=spare)
+        if failure is not None:
+            retry = spare()
+            if retry or failure.kind == "redirect" or plan.config.router.scrub_upstream_errors:
+                status = 502 if failure.kind == "redirect" else upstream.status
+                raise AttemptFailed(status, failure, plan.message(server, failure), exclude=True, retry=retry)
         response, outcome = await _relay(request, upstream, server, plan, started)
         outcome.failure = outcome.failure or failure
         return response, outcome
@@ -122,8 +125,12 @@ async def _send_upstream(session: aiohttp.ClientSession, request: web.Request, s
     timing, router = plan.config.timing, plan.config.router
     headers = forward_headers(request.headers, server.config.api_key, strip_auth=bool(router.api_keys) or server.url_has_credentials)
     answer = session.request(
-        request.method, server.url + request.path_qs, data=plan.body, headers=headers,
-        timeout=upstream_timeout(timing.request_timeout, plan.stream), allow_redirects=False,
+        request.method,
+        server.url + request.path_qs,
+        data=plan.body,
+        headers=headers,
+        timeout=upstream_timeout(timing.request_timeout, plan.stream),
+        allow_redirects=False,
     )
     try:
         if plan.stream:
@@ -137,10 +144,10 @@ async def _send_upstream(session: aiohttp.ClientSession, request: web.Request, s
 
 async def _while_healthy(answer: Awaitable[T], server: Server, plan: Plan) -> T:
     """Wait for a non-streamed answer while `server` passes its health checks, at most
-    `generation_timeout` seconds (0: no limit)."""
+    `generation_timeout` seconds (0: no limit), both looked at every HEALTH_WATCH_S."""
     limit = plan.config.timing.generation_timeout
-    scope = asyncio.timeout(limit or None)
-    watch = _HealthWatch(server, scope)
+    scope = asyncio.timeout(None)
+    watch = _HealthWatch(server, scope, limit)
     try:
         async with scope:
             watch.start()
@@ -148,7 +155,7 @@ async def _while_healthy(answer: Awaitable[T], server: Server, plan: Plan) -> T:
     except TimeoutError:
         if not scope.expired():
             raise  # aiohttp's own (connecting)
-        if watch.tripped:
+        if watch.down:
             failure = Failure("down", "stopped passing its health checks while generating")
             raise AttemptFailed(502, failure, plan.message(server, failure), exclude=True) from None
         failure = Failure("generation_timeout", f"sent no answer within [config] generation_timeout ({limit:g} s)", "timed out")
@@ -158,16 +165,19 @@ async def _while_healthy(answer: Awaitable[T], server: Server, plan: Plan) -> T:
 
 
 class _HealthWatch:
-    """Ends a wait (through its timeout scope) as soon as the server is found down."""
+    """Ends a wait (through its timeout scope) when the server is found down or the time
+    limit has passed: one timer per wait, however long it lasts."""
 
-    def __init__(self, server: Server, scope: asyncio.Timeout) -> None:
+    def __init__(self, server: Server, scope: asyncio.Timeout, limit: float) -> None:
         self.server = server
         self.scope = scope
-        self.tripped = False
+        self.loop = asyncio.get_running_loop()
+        self.deadline = self.loop.time() + limit if limit else None
+        self.down = False
         self._handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self._handle = asyncio.get_running_loop().call_later(HEALTH_WATCH_S, self._check)
+        self._handle = self.loop.call_later(HEALTH_WATCH_S, self._check)
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -176,9 +186,9 @@ class _HealthWatch:
     def _check(self) -> None:
         if self.scope.expired():
             return
-        if self.server.health.state is Health.DOWN:
-            self.tripped = True
-            self.scope.reschedule(asyncio.get_running_loop().time())
+        self.down = self.server.health.state is Health.DOWN
+        if self.down or (self.deadline is not None and self.loop.time() >= self.deadline):
+            self.scope.reschedule(self.loop.time())
             return
         self.start()
 
@@ -222,6 +232,10 @@ async def _read_head(content: aiohttp.StreamReader, limit: int, timeout: float) 
 
 
 async def _next_chunk(content: aiohttp.StreamReader, timeout: float) -> bytes:
+    """The next bytes of an answer (b"" at its end), waiting at most `timeout` for them."""
+    chunk = content.read_nowait()  # what has arrived already needs no timer
+    if chunk or content.at_eof():
+        return chunk
     async with asyncio.timeout(timeout):
         return await content.readany()
 

@@ -77,28 +77,45 @@ async def read_body(request: web.Request, max_bytes: int, timeout: float) -> byt
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise _too_big(max_bytes)
-    decoder = decoder_for(request.headers.get("Content-Encoding", ""))
+    body = _Body(decoder_for(request.headers.get("Content-Encoding", "")), max_bytes)
+    content = request.content
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        async with asyncio.timeout(timeout):
-            return await _read_all(request.content, decoder, max_bytes)
+        while not content.at_eof():
+            # what has arrived already needs no timer: most bodies come with their headers
+            body.add(content.read_nowait() or await _wait_for_more(content, deadline))
+        return body.finish()
     except TimeoutError:
         raise BodyError(408, f"The request body did not arrive within {timeout:g} s") from None
     except (aiohttp.ClientPayloadError, web.RequestPayloadError, ValueError) as error:
         raise BodyError(400, f"The request body could not be read: {error}") from None
 
 
-async def _read_all(content: aiohttp.StreamReader, decoder: _Decoder, max_bytes: int) -> bytearray:
-    body = bytearray()
-    received = 0
-    while chunk := await content.readany():
-        received += len(chunk)
-        if received > max_bytes:
-            raise _too_big(max_bytes)
-        body += decoder.feed(chunk, max_bytes - len(body))
-        if len(body) > max_bytes:
-            raise _too_big(max_bytes)
-    decoder.finish()
-    return body
+async def _wait_for_more(content: aiohttp.StreamReader, deadline: float) -> bytes:
+    async with asyncio.timeout_at(deadline):
+        return await content.readany()
+
+
+class _Body:
+    """The decoded body as it grows, never past `max_bytes` (nor its coded form)."""
+
+    def __init__(self, decoder: _Decoder, max_bytes: int) -> None:
+        self.decoder = decoder
+        self.max_bytes = max_bytes
+        self.data = bytearray()
+        self.received = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self.max_bytes:
+            raise _too_big(self.max_bytes)
+        self.data += self.decoder.feed(chunk, self.max_bytes - len(self.data))
+        if len(self.data) > self.max_bytes:
+            raise _too_big(self.max_bytes)
+
+    def finish(self) -> bytearray:
+        self.decoder.finish()
+        return self.data
 
 
 def _too_big(max_bytes: int) -> BodyError:

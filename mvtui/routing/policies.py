@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Protocol, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 
 class Loaded(Protocol):
@@ -76,7 +77,7 @@ def power_of_two(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> 
     return first if _rank(balanced_score(first)) <= _rank(balanced_score(second)) else second
 
 
-POLICIES: dict[str, Policy] = {
+POLICIES: dict[str, Policy[Any]] = {
     "balanced": balanced,
     "least_loaded": least_loaded,
     "round_robin": round_robin,
@@ -91,7 +92,7 @@ class Chooser:
         self.rng = rng or random.Random()
         self.turn = 0
         self.policy_name = policy
-        self.policy: Policy = POLICIES[policy]
+        self.policy: Policy[Any] = POLICIES[policy]
 
     def set_policy(self, policy: str) -> None:
         self.policy_name = policy
@@ -101,4 +102,5 @@ class Chooser:
         if not candidates:
             return None
         self.turn += 1
-        return self.policy(candidates, self.rng, self.turn)
+        chosen: T = self.policy(candidates, self.rng, self.turn)
+        return chosen

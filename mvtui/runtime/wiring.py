@@ -35,6 +35,8 @@ from mvtui.router.front_door import FrontDoor
 from mvtui.router.metrics import RouterMetrics
 from mvtui.router.proxy import Proxy
 from mvtui.routing.policies import Chooser
+from mvtui.runtime.bind import listening_line
+from mvtui.runtime.startup_errors import router_listen_error
 from mvtui.runtime.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -108,7 +110,11 @@ class Services:
         return f"http://{shown}:{self.router_port}"
 
     async def __aenter__(self) -> "Services":
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:  # what did start (session, tasks, instances) stops again
+            await self.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -155,10 +161,13 @@ class Services:
         assert self.proxy is not None
         routes = [*self.proxy.routes(), *StatusEndpoints(self.cluster, self.registry).routes()]
         door = FrontDoor(lambda: self.config, routes, self.config.timing.shutdown_timeout)
-        await door.start()
+        try:
+            await door.start()
+        except OSError as error:
+            raise router_listen_error(self.config.router.host, self.config.router.port, error, self.paths.admin_dir) from error
         self._runner, self._site = door.runner, door.site  # stop() stops them in two steps
         self.router_port = door.port
-        log.info("router listening on %s", self.router_url)
+        log.info("%s", listening_line(self.config.router.host, door.port))  # what is bound, not a URL to this machine
 
     def spawn(self, work: Awaitable[None], name: str) -> asyncio.Task[None]:
         """A one-off background task; its crash is logged and shown, not swallowed."""
@@ -210,7 +219,8 @@ class Services:
         if self._site is not None:
             await self._site.stop()
             if not await self.wait_idle(self.config.timing.shutdown_timeout):
-                log.warning("stopping with %d requests still in flight", self.cluster.summary().in_flight)
+                in_flight = self.cluster.summary().in_flight
+                log.warning("stopping with %d request%s still in flight", in_flight, "" if in_flight == 1 else "s")
         if self._runner is not None:
             await self._runner.cleanup()
         for stopper in reversed(self._stoppers):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from textual import on
 from textual.app import App, ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.color import Color
 from textual.containers import Grid, Horizontal
 from textual.events import Key
@@ -44,13 +44,17 @@ DETAIL_PANE_HEIGHT = 9  # seven lines and the border
 RESERVED_ROWS = 12  # cluster line, GPU pane, some log, keys
 DETAIL_COLUMN_WIDTH = 64
 WIDE_LOGS_MIN_WIDTH = 120
-REMOVE_ANSWERS = (("y", "remove it until mvtui restarts"), ("Y", "remove it and delete it from the config file"), ("n", "keep it (Esc too)"))
+REMOVE_ANSWERS = (
+    ("y", "remove it until mvtui restarts"),
+    ("Y", "remove it and delete it from the config file"),
+    ("n", "keep it (Esc too)"),
+)
 
 
-def bindings(actions: Sequence[keymap.KeyAction]) -> list[Binding]:
+def bindings(actions: Sequence[keymap.KeyAction]) -> list[BindingType]:
     """Textual's bindings for the keymap, with its ids, so `[ui.keys]` can rebind them; an
     action's alternate (undrain) shares its keys and id."""
-    found: list[Binding] = []
+    found: list[BindingType] = []
     for action in actions:
         keys = ",".join(action.keys)
         found.append(Binding(keys, action.action, action.label, show=False, id=action.id))

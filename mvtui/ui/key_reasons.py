@@ -7,8 +7,8 @@ a config file), so an operator is never left with silence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from mvtui.cluster.state import Server
 from mvtui.instances.record import Instance
@@ -16,7 +16,13 @@ from mvtui.instances.record import Instance
 ACTIVE_LIFECYCLES = (None, "running")
 NOT_MANAGED = "{name} is not a local instance mvtui manages"
 NO_SLEEP_WAKE = "sleep and wake are not running"
-CONFIGURED_ONLY = "{name} is a managed instance, not a [servers] entry: change its [[instances]] entry"
+MANAGED = "{name} is a managed instance, not a [servers] entry: "
+MANAGED_REASONS = {
+    "capacity": MANAGED + "its capacity is max_concurrent_requests in its [[instances]] entry",
+    "remove_server": MANAGED + "stop it (X), or take it out of [[instances]]",
+    "save": MANAGED + "there is nothing of it to save",
+    "drain_save": MANAGED + "its drain lasts until it stops and is not saved",
+}
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,11 @@ def _log(server: Server, facts: Facts) -> str:
     return f"{NOT_MANAGED.format(name=server.name)}: its log is where it runs"
 
 
-def _configured_only(server: Server, facts: Facts) -> str:
-    return CONFIGURED_ONLY.format(name=server.name)
+def _configured_only(action: str) -> Callable[[Server, Facts], str]:
+    def explain(server: Server, facts: Facts) -> str:
+        return MANAGED_REASONS[action].format(name=server.name)
+
+    return explain
 
 
 REASONS: dict[str, Callable[[Server, Facts], str]] = {
@@ -94,8 +103,5 @@ REASONS: dict[str, Callable[[Server, Facts], str]] = {
     "start": _start,
     "stop": _stop,
     "instance_log": _log,
-    "capacity": _configured_only,
-    "remove_server": _configured_only,
-    "save": _configured_only,
-    "drain_save": _configured_only,
+    **{action: _configured_only(action) for action in MANAGED_REASONS},
 }

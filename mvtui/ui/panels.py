@@ -236,7 +236,7 @@ def server_title(server: Server) -> str:
     """The pane's border title in Textual content markup (theme variables resolve there)."""
     role = state_role(server.state)
     name = _escape(server.name)
-    url = _escape(server.url)
+    url = _escape(server.display_url)
     return f"[bold $state-{role}]{ROLE_GLYPHS[role]} {server.state}[/]  [bold]{name}[/]  [$foreground-muted]{url}[/]"
 
 
