@@ -1,10 +1,13 @@
 """How long an admin command of the CLI takes, end to end, on 127.0.0.1.
 
 One `mvtui --no-ui` with one simulated vLLM server, on a config file and with XDG folders in
-a temporary folder (so its admin file is the one the timed commands read). The script then
-runs each command N times and prints the median and the 90th percentile of the wall time, and
-the median CPU time of the command's process (user + system), which load from other work on
-the machine changes far less than the wall time:
+a temporary folder (so its admin file is the one the timed commands read). The script runs
+one round that is not counted (it writes __pycache__, as a user's first call does: the timed
+calls cache bytecode as an installed mvtui does, even where PYTHONDONTWRITEBYTECODE is set),
+then N rounds, each running every command once in rotated order, so a busy moment of the
+machine slows every row alike. It prints each command's median and 90th percentile wall
+time, and its median CPU time (user + system), which other work on the machine changes far
+less than the wall time:
 
 - `python -c pass`: the interpreter's own start, the floor no Python CLI can go under;
 - `python -m mvtui ps` and the `mvtui ps` console script;
@@ -77,17 +80,27 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def time_runs(argv: Sequence[str], runs: int, env: dict[str, str]) -> Timings:
-    """Each run's wall and CPU time; a failing command ends the benchmark with its output."""
-    timings = Timings([], [])
-    for _ in range(runs):
-        cpu, started = children_cpu(), time.perf_counter()
-        done = subprocess.run(argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
-        timings.wall.append(time.perf_counter() - started)
-        timings.cpu.append(children_cpu() - cpu)
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(argv)} exited with {done.returncode}:\n{done.stdout}{done.stderr}")
-    return timings
+def time_run(argv: Sequence[str], env: dict[str, str], timings: Timings) -> None:
+    """One run's wall and CPU time; a failing command ends the benchmark with its output."""
+    cpu, started = children_cpu(), time.perf_counter()
+    done = subprocess.run(argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    timings.wall.append(time.perf_counter() - started)
+    timings.cpu.append(children_cpu() - cpu)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited with {done.returncode}:\n{done.stdout}{done.stderr}")
+
+
+def time_rounds(chosen: list[tuple[str, list[str]]], runs: int, env: dict[str, str]) -> list[tuple[str, Timings]]:
+    """Each round runs every command once, in rotated order, so a busy moment of the
+    machine slows every row alike instead of one."""
+    results = [(name, Timings([], [])) for name, _ in chosen]
+    for _, argv in chosen:  # a round not counted: writes the bytecode caches
+        time_run(argv, env, Timings([], []))
+    for round_number in range(runs):
+        for index in range(len(chosen)):
+            turn = (index + round_number) % len(chosen)
+            time_run(chosen[turn][1], env, results[turn][1])
+    return results
 
 
 def p90(values: Sequence[float]) -> float:
@@ -115,6 +128,7 @@ def scratch_env(folder: Path) -> dict[str, str]:
     for kind in ("CONFIG", "STATE", "DATA", "CACHE"):
         env[f"XDG_{kind}_HOME"] = str(folder / kind.lower())
     env.pop("MVTUI_CONFIG", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: modules compiled once, not at every call
     return env
 
 
@@ -147,7 +161,7 @@ def main() -> int:
     procs: list[Proc] = []
     try:
         procs = start_cluster(folder, env)
-        results = [(name, time_runs(argv, args.runs, env)) for name, argv in commands(args.skip)]
+        results = time_rounds(commands(args.skip), args.runs, env)
     finally:
         for proc in procs:
             proc.stop()

@@ -30,4 +30,5 @@ def loop_factory(choice: str | None = None) -> LoopFactory | None:
         if choice == "uvloop":
             log.warning("%s=uvloop but uvloop is not installed (pip install 'mvtui[fast]'): using asyncio", LOOP_ENV)
         return None
-    return uvloop.new_event_loop
+    factory: LoopFactory = uvloop.new_event_loop
+    return factory

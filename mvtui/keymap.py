@@ -68,10 +68,20 @@ ACTIONS: tuple[KeyAction, ...] = (
     ),
     KeyAction("reload", ("r",), "reload", "reload the config file now"),
     KeyAction("log", ("l",), "log", "the selected instance's log", "instance_log"),
+    KeyAction("details", ("enter",), "details", "the selected server's details: plots of the last 10 minutes, its requests, errors, config and log"),
     KeyAction("requests", ("R",), "requests", "show or hide the request log (beside the events when wide)", "toggle_requests", always=True),
     KeyAction("filter", ("slash",), "filter", "filter servers by name, URL, model or state (Enter keeps it)", always=True),
     KeyAction("clear_filter", ("escape",), "clear", "clear the filter", footer=False, always=True),
     KeyAction("theme", ("t",), "theme", "next theme (remembered)", "cycle_theme", always=True),
+    KeyAction(
+        "palette",
+        ("ctrl+p",),
+        "commands",
+        'the command palette: every command for every server, by name ("sleep gpu-2")',
+        "command_palette",
+        footer=False,
+        always=True,
+    ),
     KeyAction("help", ("question_mark",), "help", "this help", always=True),
     KeyAction("quit", ("q", "ctrl+c"), "quit", "quit: stop taking requests, let those in flight finish", always=True),
 )
@@ -91,7 +101,7 @@ _RENAMED = {
     "plus_sign": "plus",
     "low_line": "underscore",
 }
-_SHOWN = {"up": "↑", "down": "↓", "left": "←", "right": "→", "delete": "del", "escape": "esc", "pageup": "pgup", "pagedown": "pgdn"}
+_SHOWN = {"enter": "↵", "up": "↑", "down": "↓", "left": "←", "right": "→", "delete": "del", "escape": "esc", "pageup": "pgup", "pagedown": "pgdn"}
 
 
 def _character_name(character: str) -> str:

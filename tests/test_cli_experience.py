@@ -193,7 +193,9 @@ def test_the_listening_line_says_all_interfaces_and_the_url_clients_use() -> Non
     assert listening_line("10.1.2.3", 80) == "router listening on 10.1.2.3:80 (clients use http://10.1.2.3:80/v1)"
 
 
-def test_the_startup_config_is_named_absolute_or_said_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_startup_config_is_named_absolute_or_said_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "servers.toml").write_text("[servers]\nservers = []\n")
     paths = AppPaths(tmp_path / "config", tmp_path / "log", tmp_path / "state")
@@ -232,7 +234,8 @@ async def test_counts_are_written_in_words() -> None:
     assert summary_line(SimpleNamespace(cluster=cluster)).endswith("1 error, 0 retries")
     server.in_flight = 1
     operator = Operator(cluster, live, sleep_wake=None, instances=None)  # type: ignore[arg-type]
-    assert (await operator.remove_server("a")).message == "removing a: 1 request in flight finish first (not saved: running without a config file)"
+    removing = await operator.remove_server("a")
+    assert removing.message == "removing a: 1 request in flight finish first (not saved: running without a config file)"
     cluster, _ = one_server_cluster()
     server = cluster.require("a")
     server.health.state, server.in_flight = Health.UP, 1
@@ -324,7 +327,7 @@ def answering(raw: bytes) -> tuple[str, threading.Thread]:
 @pytest.mark.parametrize(
     ("raw", "body"),
     [
-        (b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}', b"{}"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", b"{}"),
         (b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n", b"abcde"),
         (b"HTTP/1.0 200 OK\r\n\r\nto the end", b"to the end"),
     ],
@@ -335,7 +338,14 @@ def test_the_admin_client_reads_each_kind_of_body(raw: bytes, body: bytes) -> No
     thread.join()
 
 
-@pytest.mark.parametrize("raw", [b"SSH-2.0-OpenSSH\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"SSH-2.0-OpenSSH\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
 def test_the_admin_client_refuses_garbled_answers(raw: bytes) -> None:
     url, thread = answering(raw)
     with pytest.raises(WireError):

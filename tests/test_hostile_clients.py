@@ -20,7 +20,7 @@ from mvtui.router.headers import key_matches
 from mvtui.runtime.wiring import Services
 from tests import http
 from tests.helpers import Proc, eventually, start_sim
-from tests.router_setup import FAST, chat, start_router, wait_healthy, write_config
+from tests.router_setup import chat, start_router, wait_healthy, write_config
 
 KEYS = '[router]\napi_keys = ["first-key", "second-key"]\n'
 
@@ -118,7 +118,7 @@ def test_an_unknown_path_or_method_gets_an_openai_error(keyed: Proc) -> None:
 
 
 async def test_requests_the_router_rejects_are_logged_and_counted(sim: Proc, tmp_path: Path) -> None:
-    text = write_config(tmp_path / "servers.toml", [sim.url], KEYS + "[limits]\nmax_body_mb = 1\n", timing=FAST).read_text()
+    text = write_config(tmp_path / "servers.toml", [sim.url], KEYS + "[limits]\nmax_body_mb = 1\n").read_text()
     config = parse_config(text)
     config = dataclasses.replace(
         config, router=dataclasses.replace(config.router, host="127.0.0.1", port=0), admin=dataclasses.replace(config.admin, enabled=False)

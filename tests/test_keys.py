@@ -72,7 +72,7 @@ def test_ids_are_unique_and_the_defaults_do_not_clash() -> None:
 
 def test_always_available_actions_come_from_the_keymap() -> None:
     assert ALWAYS is keymap.ALWAYS
-    assert {"quit", "help", "cycle_theme", "filter", "clear_filter", "select", "toggle_requests"} == ALWAYS
+    assert {"quit", "help", "cycle_theme", "filter", "clear_filter", "select", "toggle_requests", "command_palette"} == ALWAYS
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import asyncio
 import contextlib
 import socket
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import openai
 import pytest

@@ -5,8 +5,8 @@ at the report before committing the new SVGs."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -17,6 +17,7 @@ from tests import http
 from tests.helpers import Proc, start_sim, wait_until
 from tests.router_setup import (
     FAST,
+    STEADY,
     chat,
     metric,
     peak_memory_kib,
@@ -47,7 +48,7 @@ def test_a_non_streamed_generation_longer_than_request_timeout_is_answered_once(
     router = None
     try:
         router = start_router(
-            write_config(tmp_path / "servers.toml", [sim.url], timing=FAST.replace("request_timeout = 20", "request_timeout = 1"))
+            write_config(tmp_path / "servers.toml", [sim.url], timing=STEADY.replace("request_timeout = 20", "request_timeout = 1"))
         )
         wait_healthy(router, 1)
         reply = client_for(router).chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}], max_tokens=20)
@@ -110,7 +111,7 @@ def test_an_answer_cut_or_hung_mid_body_with_no_peer_is_an_openai_502(tmp_path: 
     router = None
     try:
         set_faults(sim, **{fault: True})
-        timing = FAST.replace("request_timeout = 20", "request_timeout = 1")
+        timing = STEADY.replace("request_timeout = 20", "request_timeout = 1")
         router = start_router(write_config(tmp_path / "servers.toml", [sim.url], timing=timing))
         wait_healthy(router, 1)
         answer = http.post(router.url + "/v1/chat/completions", json=chat(), timeout=30)
@@ -186,7 +187,8 @@ def test_a_huge_non_streamed_answer_is_relayed_in_bounded_memory(tmp_path: Path)
     try:
         padding = 96 * MIB
         set_faults(sim, pad_answer_bytes=padding)
-        router = start_router(write_config(tmp_path / "servers.toml", [sim.url]))
+        # the simulator's loop stalls while it writes such an answer: no health check may fail meanwhile
+        router = start_router(write_config(tmp_path / "servers.toml", [sim.url]))  # health checks 10 s apart
         wait_healthy(router, 1)
         before = peak_memory_kib(router)
         answer = http.post(router.url + "/v1/chat/completions", json=chat(), timeout=60)

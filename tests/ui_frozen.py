@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
-from mvtui.cluster.state import ClusterEvent, EngineMetrics, RequestRecord
-from mvtui.config.schema import Config, RouterConfig, ServerConfig, UiConfig
-from mvtui.gpu import GpuProbe
-from mvtui.paths import AppPaths
 from mvtui.cluster.sleep_wake import Controller
-from mvtui.cluster.state import Cluster
+from mvtui.cluster.state import Cluster, ClusterEvent, EngineMetrics, RequestRecord
+from mvtui.config.schema import Config, RouterConfig, ServerConfig, UiConfig
 from mvtui.control.live_config import LiveConfig
 from mvtui.control.operator import Operator
 from mvtui.errors import ConfigError
+from mvtui.gpu import GpuProbe
 from mvtui.instances.manager import InstanceManager
+from mvtui.paths import AppPaths
 
 FROZEN_AT = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
 GIB = 1024**3
@@ -54,6 +54,7 @@ class FrozenCore:
     gpu: GpuProbe
     operator: Operator
     router_port: int | None = 8888
+    admin: Any = None  # an AdminState (url, problem, notice) where a test sets one
 
     @property
     def config(self) -> Config:
@@ -83,7 +84,7 @@ def frozen_core(config: Config, paths: AppPaths, gpu: GpuProbe) -> FrozenCore:
 
 
 def frozen_services(
-    paths: AppPaths, names: tuple[str, ...] = ("small", "medium", "big"), nvml: "FakeNvml | None" = None, ui: UiConfig | None = None
+    paths: AppPaths, names: tuple[str, ...] = ("small", "medium", "big"), nvml: FakeNvml | None = None, ui: UiConfig | None = None
 ) -> FrozenCore:
     """A core that is never started: its cluster holds fixed, hand-set state."""
     configs = tuple(

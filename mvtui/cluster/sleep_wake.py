@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 
@@ -321,7 +321,7 @@ async def _uncancellable(coroutine: Awaitable[bool]) -> bool:
     return await asyncio.shield(task)
 
 
-def _retrieve(task: asyncio.Task[None]) -> None:
+def _retrieve(task: asyncio.Task[Any]) -> None:
     """Every waiter sees the error; this only keeps asyncio from reporting it as unread."""
     if not task.cancelled():
         task.exception()

@@ -143,7 +143,7 @@ def _find(document: TOMLDocument, url: str) -> tuple[Entries, int]:
 
 
 def _toml(value: Any) -> str:
-    return tomlkit.item(value).as_string()
+    return str(tomlkit.item(value).as_string())
 
 
 def _parse_inline(text: str) -> InlineTable:
@@ -174,7 +174,7 @@ def _without_last_key(entry: InlineTable, key: str) -> InlineTable:
     """The entry without its last key and the comma before it, spacing kept (tomlkit's
     own delete leaves a stray space when the file was re-read)."""
     text = entry.as_string()
-    item = entry.value.item(key)
+    item: Any = entry.value.item(key)
     written = next(found for found in entry.value.body if found[1] is item)[0]
     assert written is not None
     piece = f"{written.as_string()}{written.sep}{item.as_string()}"

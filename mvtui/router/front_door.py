@@ -193,9 +193,8 @@ class _Refusal(asyncio.Protocol):
         self.gate = gate
         self._timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.gate.refusing += 1
-        assert isinstance(transport, asyncio.WriteTransport)
         if self.gate.refusing > MAX_PENDING_REFUSALS:
             transport.abort()  # a flood: keep no descriptor for it
             return

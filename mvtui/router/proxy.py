@@ -166,9 +166,10 @@ class Proxy:
                     continue
                 silent = [server.name for server in self.cluster if not server.removed and not server.models]
                 if silent:
+                    by = "some servers" if self.config().router.scrub_upstream_errors else ", ".join(silent)
                     raise ProxyError(
                         503,
-                        f"No server that answered serves `{model}`; models not reported yet by {', '.join(silent)}",
+                        f"No server that answered serves `{model}`; models not reported yet by {by}",
                         headers={"Retry-After": RETRY_AFTER_S},
                     )
                 models = self.cluster.models()

@@ -42,6 +42,9 @@ class _Identity:
         return None
 
 
+IDENTITY = _Identity()
+
+
 class _Inflate:
     """gzip or deflate (zlib-wrapped, or raw as some clients send it), bounded output."""
 
@@ -63,6 +66,8 @@ class _Inflate:
 
 
 def decoder_for(content_encoding: str) -> _Decoder:
+    if not content_encoding:
+        return IDENTITY
     codings = [part.strip().lower() for part in content_encoding.split(",") if part.strip()]
     codings = [coding for coding in codings if coding != "identity"]
     if not codings:

@@ -92,7 +92,7 @@ class ChatFormat(_ChunkStream):
         return sse(chunk)
 
     def body(self, text: str, finish_reason: str, usage_: dict[str, int]) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text, "refusal": None, "tool_calls": [], "reasoning_content": None}
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "tool_calls": [], "reasoning_content": None}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
         return {"id": self.id, "object": "chat.completion", "created": self._created, "model": self._model,
                 "choices": [choice], "usage": usage_, "prompt_logprobs": None}

@@ -171,7 +171,7 @@ class PoolingRoutes:
         tokens = await self._prefill([text.count_tokens(query) + text.count_tokens(t) for t in texts])
         results = [{"index": i, "document": {"text": t}, "relevance_score": text.relevance(query, t)}
                    for i, t in enumerate(texts)]
-        results.sort(key=lambda r: r["relevance_score"], reverse=True)
+        results.sort(key=lambda r: float(r["relevance_score"]), reverse=True)  # type: ignore[arg-type]
         if body.get("return_documents") is False:
             for result in results:
                 result["document"] = None

@@ -7,8 +7,8 @@ the admin API and the CLI use, with the same meaning (live until restart unless 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mvtui import keymap
 from mvtui.cluster.state import Server
@@ -46,6 +46,8 @@ class CoreActions:
             return server is not None and server.drain
         if action == "add_server":
             return True
+        if action == "details":
+            return True if server is not None else None
         if action in CONFIGURED_ONLY:
             return True if server is not None and server.lifecycle is None and not server.removed else None
         if server is None or server.removed:
@@ -144,7 +146,8 @@ class CoreActions:
         leaders = {instance.pid: instance.label for instance in self.core.operator.instances if instance.pid is not None}
         owners: dict[str, None] = {}
         for process in gpu.processes:
-            label = leaders.get(_group_of(process.pid))
+            group = _group_of(process.pid)
+            label = leaders.get(group) if group is not None else None
             if label is not None:
                 owners[label] = None
         return list(owners)

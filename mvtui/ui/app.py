@@ -3,7 +3,8 @@
 The app starts the core (proxy, poller, ...) from the factory it is given, on Textual's own
 event loop, so OpenAI clients are served the whole time the screen is up. It reads the
 cluster's state on a throttled tick (a few frames a second at most) and never per request;
-keys call the core's commands. Quitting stops the core gracefully before the app exits.
+keys, the details screen's buttons, the command palette and the mouse call the core's
+commands. Quitting (q, SIGTERM, SIGHUP) stops the core gracefully before the app exits.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
-from textual.color import Color
 from textual.containers import Grid, Horizontal
 from textual.events import Key
 from textual.markup import escape
@@ -32,9 +35,13 @@ from mvtui.gpu import Gpu, GpuSampler
 from mvtui.paths import AppPaths
 from mvtui.ui import key_reasons, panels, themes
 from mvtui.ui.actions import CoreActions
+from mvtui.ui.commands import DashboardCommands, PaletteCommand, server_commands
 from mvtui.ui.core import Core, CoreFactory
+from mvtui.ui.details import DetailsContext, DetailsScreen
+from mvtui.ui.history import MetricsHistory
+from mvtui.ui.notices import Notices
 from mvtui.ui.screens import AddServerScreen, ConfirmScreen, HelpScreen, InstanceLogScreen, SleepScreen, help_text
-from mvtui.ui.widgets import ClusterBar, EventsPane, GpuPane, KeyBar, RequestsPane, ServerPane
+from mvtui.ui.widgets import Banner, ClusterBar, EventsPane, GpuPane, KeyBar, RequestsPane, ServerPane
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,17 @@ REMOVE_ANSWERS = (
     ("Y", "remove it and delete it from the config file"),
     ("n", "keep it (Esc too)"),
 )
+# Commands that wait (a wake, a start) run as workers, so the screen stays live: action ->
+# (what the notification is titled, the call).
+BACKGROUND: dict[str, tuple[str, Callable[..., Awaitable[str]]]] = {
+    "drain_save": ("drain and save", lambda actions, server: actions.drain_save(server)),
+    "save": ("save", lambda actions, server: actions.save(server)),
+    "capacity": ("capacity", lambda actions, server, step: actions.change_capacity(server, step)),
+    "wake": ("wake", lambda actions, server: actions.wake(server)),
+    "start": ("start", lambda actions, server: actions.start(server)),
+    "stop": ("stop", lambda actions, server: actions.stop(server)),
+}
+SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def bindings(actions: Sequence[keymap.KeyAction]) -> list[BindingType]:
@@ -66,7 +84,7 @@ def bindings(actions: Sequence[keymap.KeyAction]) -> list[BindingType]:
 class Dashboard(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "mvtui"
-    ENABLE_COMMAND_PALETTE = False
+    COMMANDS = {DashboardCommands}  # ctrl+p (the keymap's `palette`)
     AUTO_FOCUS = None  # keys belong to the dashboard; only `/` gives the filter focus
     BINDINGS = bindings(keymap.ACTIONS)
 
@@ -105,11 +123,15 @@ class Dashboard(App[None]):
         self._ui_up = False
         self.keys = keymap.resolve({})  # every action's keys, with the user's [ui.keys]
         self._user_keys: keymap.UserKeys = ()
+        self.history = MetricsHistory()  # each server's numbers, for the details screen's plots
+        self._notices = Notices()
+        self._terminal_fds: list[int] = []  # the terminal's, sent to /dev/null on SIGHUP
 
     # --- layout -------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
         yield ClusterBar()
+        yield Banner()
         yield Grid(id="servers")
         yield Static(id="no-servers")
         yield GpuPane()
@@ -121,36 +143,39 @@ class Dashboard(App[None]):
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
         """mvtui's own variables for themes that do not set them (Textual's built-ins)."""
-        base = self.current_theme.to_color_system().generate()
-        pick = lambda name, fallback: base.get(name, fallback)  # noqa: E731
-        return {
-            "state-up": pick("success", "#4ebf71"),
-            "state-down": pick("error", "#e05561"),
-            "state-busy": pick("warning", "#e5b045"),
-            "state-asleep": pick("secondary", "#8aa4ff"),
-            "state-starting": pick("primary", "#56b6c2"),
-            "state-idle": pick("foreground-darken-2", "#8a8f98"),
-            "bar-empty": pick("panel-lighten-1", "#3a3f4b"),
-            "bar-low": pick("primary", "#4ebf71"),
-            "bar-mid": pick("warning", "#e5b045"),
-            "bar-high": pick("error", "#e05561"),
-            "spark-requests": pick("primary", "#56b6c2"),
-            "spark-tokens": pick("accent", "#c678dd"),
-            "key-disabled": _blend(pick("background", "#121212"), pick("foreground", "#e0e0e0"), 0.35),
-        }
+        return themes.mvtui_defaults(self.current_theme)
 
     async def on_mount(self) -> None:
         self._bar, self._grid, self._gpu_pane = self.query_one(ClusterBar), self.query_one("#servers", Grid), self.query_one(GpuPane)
         # held, not queried later: a modal screen may be on top then
         self._empty_hint, self._filter_field = self.query_one("#no-servers", Static), self.query_one("#filter", Input)
         self._events_pane, self._requests_pane, self._keys = self.query_one(EventsPane), self.query_one(RequestsPane), self.query_one(KeyBar)
+        self._banner = self.query_one(Banner)
         self._ui_up = True
         await self._load_themes()
         self._show_filter(False)
         self._core_task = asyncio.create_task(self._run_core(), name="mvtui core")
         if self.handle_signals:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: self.call_later(self.action_quit))
+            self._handle_signals()
         self.tick()
+
+    def _handle_signals(self) -> None:
+        """SIGTERM quits like `q`; SIGHUP (the terminal is gone) too, see `hang_up`."""
+        self._terminal_fds = [fd for fd in (0, 1, 2) if os.isatty(fd)]  # a hung-up terminal no longer says so
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: self.call_later(self.action_quit))
+        loop.add_signal_handler(signal.SIGHUP, self.hang_up)
+
+    def hang_up(self) -> None:
+        """SIGHUP: the terminal is gone. The core is told to stop at once, not through
+        Textual's message queue, and the terminal's file descriptors are pointed at /dev/null
+        so that Textual's writes, which would fail from now on, cannot break the way out; the
+        app exits once the requests in flight have finished."""
+        log.warning("the terminal hung up (SIGHUP): stopping")
+        if not self.is_headless:
+            _detach_from_terminal(self._terminal_fds)
+        self._stop_requested.set()
+        self.stopping = True
 
     def on_resize(self) -> None:
         self.call_after_refresh(self.tick)
@@ -158,6 +183,13 @@ class Dashboard(App[None]):
     async def on_unmount(self) -> None:
         """However the app ends, the core is stopped before the loop goes away."""
         self._ui_up = False
+        if self.handle_signals:
+            for number in SIGNALS:
+                asyncio.get_running_loop().remove_signal_handler(number)
+        await self.stop_core()
+
+    async def stop_core(self) -> None:
+        """Stop the core (if it runs) and wait until it has: after the app, whatever ended it."""
         self._stop_requested.set()
         if self._core_task is not None and not self._core_task.done():
             limit = self.core.config.timing.shutdown_timeout + 5 if self.core else 15
@@ -228,12 +260,26 @@ class Dashboard(App[None]):
         else:
             summary = core.cluster.summary()
             router = core.router_url if core.router_port is not None else None
-            bar.set_text(panels.cluster_line(summary, router, palette, self.size.width - 2, self._note(summary.in_flight)))
+            counts = panels.server_counts(core.cluster)
+            bar.set_text(panels.cluster_line(summary, router, palette, self.size.width - 2, self._note(summary.in_flight), counts))
             self._apply_keys(core.config.ui.keys)
+            self._show_problems(core, palette)
             self._show_servers(palette)
+            self.history.sample(core.cluster, time.monotonic())
         self._gpu_pane.show(self.gpu.latest if self.gpu else None, palette, self._gpu_owners)
         self._show_logs(palette)
         self._refresh_keys(palette)
+
+    def _show_problems(self, core: Core, palette: panels.Palette) -> None:
+        """A broken config file and an admin API that is off: in the banner while they last,
+        and a notification when they appear (and when they clear)."""
+        admin = core.admin
+        problem = admin.problem if admin is not None else None
+        reload_key = keymap.key_label(self.keys["reload"][0])
+        key = (str(core.config_error), problem, palette, reload_key)
+        self._banner.show(key, panels.problems_banner(core.config_error, problem, palette, reload_key))
+        for notice in self._notices.changes(core.config_error, admin):
+            self.notify(escape(notice.message), title=notice.title, severity=notice.severity, timeout=notice.timeout)
 
     def _apply_keys(self, user: keymap.UserKeys) -> None:
         """The config's [ui.keys] over the defaults: at start, and again when a reload changes them."""
@@ -329,7 +375,7 @@ class Dashboard(App[None]):
             self._panes[server.url] = ServerPane(server)
         grid.mount_all(self._panes.values())
 
-    def _gpu_owners(self, gpu: Gpu) -> list[str]:
+    def _gpu_owners(self, gpu: Gpu) -> Sequence[str]:
         return self.core_actions.gpu_owners(gpu) if self.core_actions else []
 
     # --- selection and availability -----------------------------------------------------
@@ -389,42 +435,96 @@ class Dashboard(App[None]):
             if asyncio.iscoroutine(result):
                 result = await result
         except CommandError as error:
-            self.notify(str(error), title=what, severity="error")
+            self.notify(escape(str(error)), title=what, severity="error")
         else:
             if isinstance(result, str) and result:
-                self.notify(result, title=what)
+                self.notify(escape(result), title=what)
         self.tick()
 
-    async def action_drain(self) -> None:
+    async def run_on(self, action: str, server: Server, *args: Any) -> None:
+        """One command on one server, however it was asked for: its key (on the selected
+        server), a button on its details screen, the command palette. One that does not
+        apply now says why instead."""
+        actions = self.core_actions
+        if actions is None:
+            return
+        if not actions.applies(action, server):
+            self.notify(escape(key_reasons.why_greyed(action, server, self._facts(server))), title=action.replace("_", " "), timeout=4)
+        elif action in ("drain", "undrain"):  # at once: the pane shows it on the next frame
+            await self._run_command(action, lambda: getattr(actions, action)(server))
+        elif action in BACKGROUND:
+            what, call = BACKGROUND[action]
+            self.run_worker(self._run_command(what, lambda: call(actions, server, *args)), group="commands")
+        else:
+            getattr(self, f"_open_{action}")(server, actions)
+
+    async def _on_selected(self, action: str, *args: Any) -> None:
         server = self.selected_server
-        if server is not None and self.core_actions is not None:
-            await self._run_command("drain", lambda: self.core_actions.drain(server))  # type: ignore[union-attr]
+        if server is not None:
+            await self.run_on(action, server, *args)
+
+    async def action_drain(self) -> None:
+        await self._on_selected("drain")
 
     async def action_undrain(self) -> None:
-        server = self.selected_server
-        if server is not None and self.core_actions is not None:
-            await self._run_command("undrain", lambda: self.core_actions.undrain(server))  # type: ignore[union-attr]
+        await self._on_selected("undrain")
 
-    def action_drain_save(self) -> None:
-        self._background("drain and save", lambda actions, server: actions.drain_save(server))
+    async def action_drain_save(self) -> None:
+        await self._on_selected("drain_save")
 
-    def action_save(self) -> None:
-        self._background("save", lambda actions, server: actions.save(server))
+    async def action_save(self) -> None:
+        await self._on_selected("save")
 
-    def action_sleep(self) -> None:
-        server = self.selected_server
-        if server is None or self.core_actions is None:
-            return
-        actions = self.core_actions
+    async def action_sleep(self) -> None:
+        await self._on_selected("sleep")
 
+    async def action_capacity(self, step: int) -> None:
+        await self._on_selected("capacity", step)
+
+    async def action_remove_server(self) -> None:
+        await self._on_selected("remove_server")
+
+    async def action_wake(self) -> None:
+        await self._on_selected("wake")
+
+    async def action_start(self) -> None:
+        await self._on_selected("start")
+
+    async def action_stop(self) -> None:
+        await self._on_selected("stop")
+
+    async def action_instance_log(self) -> None:
+        await self._on_selected("instance_log")
+
+    async def action_details(self) -> None:
+        await self._on_selected("details")
+
+    def _open_sleep(self, server: Server, actions: CoreActions) -> None:
         def chosen(level: int | None) -> None:
             if level:
                 self.run_worker(self._run_command("sleep", lambda: actions.sleep(server, level)), group="commands")
 
         self.push_screen(SleepScreen(server.name), chosen)
 
-    def action_capacity(self, step: int) -> None:
-        self._background("capacity", lambda actions, server: actions.change_capacity(server, step))
+    def _open_remove_server(self, server: Server, actions: CoreActions) -> None:
+        def chosen(answer: str | None) -> None:
+            if answer in ("y", "Y"):
+                call = lambda: actions.remove_server(server, persist=answer == "Y")  # noqa: E731
+                self.run_worker(self._run_command("remove server", call), group="commands")
+
+        question = f"Remove [b]{escape(server.name)}[/b] ({escape(server.display_url)})? Requests in flight finish first."
+        self.push_screen(ConfirmScreen(question, REMOVE_ANSWERS), chosen)
+
+    def _open_instance_log(self, server: Server, actions: CoreActions) -> None:
+        path = actions.log_file(server)
+        if path is not None:
+            self.push_screen(InstanceLogScreen(server.name, path))
+
+    def _open_details(self, server: Server, actions: CoreActions) -> None:
+        assert self.core is not None
+        self.history.sample(self.core.cluster, time.monotonic(), force=not self.history.samples(server.url))
+        context = DetailsContext(self.core, actions, self.history, self.keys, lambda: self._palette, self.run_on)
+        self.push_screen(DetailsScreen(server, context))
 
     def action_add_server(self) -> None:
         actions = self.core_actions
@@ -437,45 +537,54 @@ class Dashboard(App[None]):
 
         self.push_screen(AddServerScreen(), chosen)
 
-    def action_remove_server(self) -> None:
-        server, actions = self.selected_server, self.core_actions
-        if server is None or actions is None:
-            return
-
-        def chosen(answer: str | None) -> None:
-            if answer in ("y", "Y"):
-                call = lambda: actions.remove_server(server, persist=answer == "Y")  # noqa: E731
-                self.run_worker(self._run_command("remove server", call), group="commands")
-
-        question = f"Remove [b]{escape(server.name)}[/b] ({escape(server.display_url)})? Requests in flight finish first."
-        self.push_screen(ConfirmScreen(question, REMOVE_ANSWERS), chosen)
-
-    def action_wake(self) -> None:
-        self._background("wake", lambda actions, server: actions.wake(server))
-
-    def action_start(self) -> None:
-        self._background("start", lambda actions, server: actions.start(server))
-
-    def action_stop(self) -> None:
-        self._background("stop", lambda actions, server: actions.stop(server))
-
-    def _background(self, what: str, call: Callable[[CoreActions, Server], Any]) -> None:
-        """Commands that wait (wake, start, stop) run as workers: the screen stays live."""
-        server = self.selected_server
-        actions = self.core_actions
-        if server is not None and actions is not None:
-            self.run_worker(self._run_command(what, lambda: call(actions, server)), group="commands")
-
     def action_reload(self) -> None:
         actions = self.core_actions
         if actions is not None:
             self.run_worker(self._run_command("reload", actions.reload), group="commands")
 
-    def action_instance_log(self) -> None:
-        server = self.selected_server
-        path = self.core_actions.log_file(server) if server and self.core_actions else None
-        if server is not None and path is not None:
-            self.push_screen(InstanceLogScreen(server.name, path))
+    # --- the mouse and the command palette -------------------------------------------------
+
+    async def on_server_pane_clicked(self, message: ServerPane.Clicked) -> None:
+        """A click selects a server; a double click opens its details."""
+        url = message.pane.server.url
+        if url not in self._panes:
+            return
+        self.selected = url
+        self.tick()
+        if message.clicks >= 2:
+            await self.run_on("details", message.pane.server)
+
+    def palette_commands(self) -> list[PaletteCommand]:
+        """What the command palette lists: every command for every server, then the
+        dashboard's own (read when the palette opens)."""
+        found: list[PaletteCommand] = []
+        if self.core is not None and self.core_actions is not None:
+            applies, facts = self.core_actions.applies, self._facts
+            why = lambda action, server: key_reasons.why_greyed(action, server, facts(server))  # noqa: E731
+            found += server_commands(self.core.cluster, applies, why, self.run_on)
+        return found + self._global_commands()
+
+    def _global_commands(self) -> list[PaletteCommand]:
+        reload_state = self.check_action("reload", ())
+        commands = [
+            PaletteCommand("reload the config file", "read it now", lambda: self.run_action("reload"), ready=bool(reload_state)),
+            PaletteCommand("add a server", "asks its URL and capacity", lambda: self.run_action("add_server"), ready=self.core_actions is not None),
+            PaletteCommand("requests: show or hide the request log", "beside the events when wide", self.action_toggle_requests),
+            PaletteCommand("filter servers", "by name, URL, model or state", self.action_filter),
+            PaletteCommand("theme: next", "the choice is remembered", self.action_cycle_theme),
+            *(PaletteCommand(f"theme {name}", "the choice is remembered", self._theme_setter(name)) for name in self._theme_names),
+            PaletteCommand("help", "every key, the states, where things are", self.action_help),
+            PaletteCommand("quit", "stop taking requests, let those in flight finish", self.action_quit),
+        ]
+        if not reload_state:
+            commands[0] = PaletteCommand(commands[0].text, f"not now: {key_reasons.why_greyed('reload', None, self._facts())}", commands[0].run, ready=False)
+        return commands
+
+    def _theme_setter(self, name: str) -> Callable[[], Awaitable[None]]:
+        async def choose() -> None:
+            await self.choose_theme(name)
+
+        return choose
 
     def action_toggle_requests(self) -> None:
         self.show_requests = not self.requests_shown
@@ -520,8 +629,9 @@ class Dashboard(App[None]):
         reason = key_reasons.why_greyed(active.binding.action.split("(")[0], self.selected_server, self._facts())
         self.notify(escape(reason), title=active.binding.description, timeout=4)
 
-    def _facts(self) -> key_reasons.Facts:
-        core, actions, server = self.core, self.core_actions, self.selected_server
+    def _facts(self, server: Server | None = None) -> key_reasons.Facts:
+        """What the greyed reasons need to know beside `server` (default: the selected one)."""
+        core, actions, server = self.core, self.core_actions, server or self.selected_server
         return key_reasons.Facts(
             core_up=core is not None and actions is not None,
             config_file=core is not None and core.config_path is not None,
@@ -563,17 +673,16 @@ class Dashboard(App[None]):
             self.tick()
 
     async def action_cycle_theme(self) -> None:
-        name = themes.next_theme(self._theme_names, self.theme)
+        await self.choose_theme(themes.next_theme(self._theme_names, self.theme))
+
+    async def choose_theme(self, name: str) -> None:
+        """Switch to a theme and remember it for next time."""
         self.theme = self._remembered = name
         try:
             await asyncio.to_thread(themes.write_ui_state, self.paths.ui_state, {"theme": name})
         except OSError as error:
             self.notify(f"cannot remember the theme: {error}", severity="warning")
         self.notify(name, title="theme", timeout=2)
-
-
-def _blend(background: str, foreground: str, amount: float) -> str:
-    return Color.parse(background).blend(Color.parse(foreground), amount).hex
 
 
 def _search_text(server: Server) -> str:
@@ -601,5 +710,28 @@ def run_dashboard(factory: CoreFactory, paths: AppPaths, loop_factory: Callable[
     `loop_factory`: the same loop as `--no-ui` (see mvtui.event_loop)."""
     app = create_app(factory, paths, handle_signals=True)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(app.run_async())
+        runner.run(run_until_stopped(app))
     return app.return_code or 0
+
+
+async def run_until_stopped(app: Dashboard, **options: Any) -> None:
+    """Run the app; whatever ends it (a key, a signal, Textual failing on a terminal that is
+    gone), the core is stopped before this returns."""
+    try:
+        await app.run_async(**options)
+    finally:
+        await app.stop_core()
+
+
+def _detach_from_terminal(fds: Sequence[int]) -> None:
+    """Point the terminal's file descriptors at /dev/null: writes to a hung-up terminal fail,
+    and would stop Textual's output thread."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd)
+    finally:
+        os.close(null)

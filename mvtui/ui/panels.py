@@ -7,13 +7,18 @@ every panel testable by rendering it to a Rich console, and the widgets thin.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 
+from rich.console import RenderableType
+from rich.table import Table
 from rich.text import Text
 
-from mvtui.cluster.state import ClusterEvent, ClusterSummary, RequestRecord, Server
+from mvtui.cluster.state import ClusterEvent, ClusterSummary, Health, RequestRecord, Server
+from mvtui.config.schema import InstanceConfig, ServerConfig
+from mvtui.errors import ConfigError
 from mvtui.gpu import Gpu, GpuSnapshot
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
@@ -62,7 +67,7 @@ class Palette:
     disabled: str = "#4b5360"
 
     @classmethod
-    def from_variables(cls, variables: Mapping[str, str]) -> "Palette":
+    def from_variables(cls, variables: Mapping[str, str]) -> Palette:
         """Take each colour from a `state-*`/`bar-*`/`spark-*` variable, else a theme base colour."""
 
         def pick(*names: str) -> str:
@@ -189,25 +194,118 @@ def _pair(label: str, value: str, palette: Palette, value_style: str = "") -> Te
     return Text.assemble((label, palette.muted), " ", (value, value_style or palette.text))
 
 
+IRREGULAR_PLURALS = {"retry": "retries", "process": "processes", "is": "are", "was": "were"}
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 server`, `2 servers`, `0 retries`: a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else IRREGULAR_PLURALS.get(noun, noun + 's')}"
+
+
+def one_line(message: str) -> str:
+    """A message of several lines (a config error) on one line, for a one-line-per-event pane."""
+    return "; ".join(line.strip().removeprefix("- ") for line in message.splitlines() if line.strip())
+
+
+NAME_SEPARATORS = ".:/@"
+
+
+def distinct_labels(names: Iterable[str], width: int) -> dict[str, str]:
+    """Each name cut to `width` characters so that names that differ still look different:
+    whole when it fits; else from the part where it differs from its closest neighbour (the
+    port of `127.0.0.1:31234`, the host of `gpu-7.lan:8000`), an ellipsis marking each cut."""
+    unique = sorted(set(names))
+    return {name: _distinct(name, unique, width) for name in unique}
+
+
+def _distinct(name: str, names: Sequence[str], width: int) -> str:
+    if len(name) <= width:
+        return name
+    start = max((_common_prefix(name, other) for other in names if other != name), default=0)
+    while start > 0 and name[start - 1] not in NAME_SEPARATORS:
+        start -= 1  # back to the start of the part it differs in
+    if start == 0 or width < 3:
+        return _fit(name, width)
+    if len(name) - start < width:
+        return "…" + name[-(width - 1) :]
+    return "…" + name[start : start + width - 2] + "…"
+
+
+def _common_prefix(first: str, second: str) -> int:
+    length = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
 # --- the cluster line -------------------------------------------------------------------
 
 
-def cluster_line(summary: ClusterSummary, router_url: str | None, palette: Palette, width: int, note: str = "") -> Text:
-    """The line on top: servers up of total, rates, errors, retries, the router's address."""
+COUNTED_FIRST = ("up", "asleep", "down")
+
+
+def server_group(server: Server) -> str:
+    """What the top line counts a server as: up (awake and answering), asleep, down, or its
+    managed instance's lifecycle (starting, stopping, stopped)."""
+    lifecycle = server.lifecycle
+    if lifecycle == "error":
+        return "down"
+    if lifecycle and lifecycle != "running":
+        return lifecycle
+    if server.asleep:
+        return "asleep"
+    return {Health.UP: "up", Health.DOWN: "down"}.get(server.health.state, "unknown")
+
+
+def server_counts(servers: Iterable[Server]) -> dict[str, int]:
+    """Servers by `server_group`: up, asleep and down always, then any other group there is."""
+    counts = dict.fromkeys(COUNTED_FIRST, 0)
+    for server in servers:
+        group = server_group(server)
+        counts[group] = counts.get(group, 0) + 1
+    return counts
+
+
+def _counts_text(counts: Mapping[str, int], palette: Palette, compact: bool) -> Text:
+    """`2 up · 1 asleep · 0 down`; on a narrow line the groups with none are left out."""
+    parts = []
+    for group, number in counts.items():
+        if compact and number == 0 and group != "up":
+            continue
+        role = "asleep" if group == "asleep" else state_role(group)
+        color = palette.role(role) if number else palette.muted
+        parts.append(Text.assemble((str(number), f"bold {color}"), (f" {group}", palette.muted)))
+    return Text(" · ", style=palette.muted).join(parts)
+
+
+def _health_color(counts: Mapping[str, int], palette: Palette) -> str:
+    total = sum(counts.values())
+    if total == 0:
+        return palette.muted
+    awake = counts.get("up", 0) + counts.get("asleep", 0)
+    return palette.up if awake == total else palette.busy if awake else palette.down
+
+
+def cluster_line(
+    summary: ClusterSummary,
+    router_url: str | None,
+    palette: Palette,
+    width: int,
+    note: str = "",
+    counts: Mapping[str, int] | None = None,
+) -> Text:
+    """The line on top: servers up, asleep and down, rates, errors, retries, the router's address."""
     compact = width < 110
-    if summary.total == 0:
-        up_color = palette.muted
-    elif summary.up == summary.total:
-        up_color = palette.up
-    else:
-        up_color = palette.busy if summary.up else palette.down
+    counts = counts if counts is not None else {"up": summary.up, "down": summary.total - summary.up}
     sep = Text("  " if compact else "   ")
     parts = [
-        Text.assemble(("● ", up_color), (f"{summary.up}/{summary.total}", f"bold {up_color}"), (" up", palette.muted)),
+        Text.assemble(("● ", _health_color(counts, palette)), _counts_text(counts, palette, compact)),
         Text.assemble((rate(summary.request_rate), f"bold {palette.text}"), (" req/s", palette.muted)),
         Text.assemble((rate(summary.token_rate), f"bold {palette.text}"), (" tok/s", palette.muted)),
-        Text.assemble((str(summary.errors), f"bold {palette.down if summary.errors else palette.text}"), (" err" if compact else " errors", palette.muted)),
-        Text.assemble((str(summary.retries), f"bold {palette.busy if summary.retries else palette.text}"), (" retries", palette.muted)),
+        _count_part(summary.errors, "err" if compact else "error", palette.down, palette),
+        _count_part(summary.retries, "retry", palette.busy, palette),
     ]
     if not compact:
         parts.insert(3, Text.assemble((str(summary.in_flight), f"bold {palette.text}"), (" in flight", palette.muted)))
@@ -227,6 +325,12 @@ def cluster_line(summary: ClusterSummary, router_url: str | None, palette: Palet
             line.append("router ", style=palette.muted)
         line.append(address, style=f"underline {palette.text}")
     return line
+
+
+def _count_part(number: int, noun: str, alarm: str, palette: Palette) -> Text:
+    """`0 errors`, `1 retry`: the number bold, in `alarm` colour when it is not zero."""
+    words = noun if noun == "err" else plural(number, noun).split(" ", 1)[1]
+    return Text.assemble((str(number), f"bold {alarm if number else palette.text}"), (f" {words}", palette.muted))
 
 
 # --- a server ---------------------------------------------------------------------------
@@ -366,7 +470,7 @@ def gpu_table(snapshot: GpuSnapshot, width: int, palette: Palette, owners: Owner
     name_width = min(22, max(len(name) for name in names))
     gauge = max(8, min(30, width - name_width - 52))
     lines = []
-    for gpu, name in zip(snapshot.gpus, names):
+    for gpu, name in zip(snapshot.gpus, names, strict=True):
         owned = ", ".join(owners(gpu))
         line = Text.assemble(
             (f"{gpu.index} ", f"bold {palette.text}"),
@@ -404,11 +508,16 @@ def _temperature_color(temperature: int | None, palette: Palette) -> str:
 # --- logs -------------------------------------------------------------------------------
 
 
+EVENT_SERVER_WIDTH = 16
+
+
 def events_text(events: Sequence[ClusterEvent], height: int, width: int, palette: Palette) -> Text:
-    """The last events that fit, newest at the bottom."""
+    """The last events that fit, newest at the bottom, one line each (a config error in full
+    is in the banner under the top line)."""
     shown = list(events)[-height:] if height > 0 else []
     if not shown:
         return Text("no events yet", style=palette.muted)
+    names = distinct_labels((event.server for event in shown), EVENT_SERVER_WIDTH)
     lines = []
     for event in shown:
         role = _event_role(event.kind)
@@ -416,9 +525,9 @@ def events_text(events: Sequence[ClusterEvent], height: int, width: int, palette
             Text.assemble(
                 (clock_time(event.at), palette.muted),
                 "  ",
-                (f"{_fit(event.server, 16):<16}", f"bold {palette.text}"),
+                (f"{names[event.server]:<{EVENT_SERVER_WIDTH}}", f"bold {palette.text}"),
                 " ",
-                (_fit(event.message, max(8, width - 28)), palette.role(role) if role != "idle" else palette.text),
+                (_fit(one_line(event.message), max(8, width - 28)), palette.role(role) if role != "idle" else palette.text),
                 no_wrap=True,
             )
         )
@@ -446,21 +555,27 @@ def _event_role(kind: str) -> str:
     return EVENT_ROLES.get(kind, "idle")
 
 
-def requests_table(records: Sequence[RequestRecord], height: int, width: int, palette: Palette) -> Text:
-    """The last requests through the router that fit, newest at the bottom. On a narrow
-    pane the TTFT column goes first, and a row never wraps."""
-    fixed = 8 + 2 + 6 + 2 + 8 + 2 + 8 + 2 + 6  # time, status, latency, ttft, tokens and the gaps
-    show_ttft = width - fixed - 4 >= 20
-    flexible = max(12, width - fixed - 4 + (0 if show_ttft else 10))
-    model_width = flexible * 3 // 5
-    server_width = flexible - model_width
+REQUEST_FIXED_WIDTH = 8 + 2 + 6 + 2 + 8 + 2 + 8 + 2 + 6  # time, status, latency, ttft, tokens and the gaps
+
+
+def requests_table(records: Sequence[RequestRecord], height: int, width: int, palette: Palette, *, server_column: bool = True) -> Text:
+    """The last requests through the router that fit, newest at the bottom. The server column
+    is as wide as its longest name where the models leave room, and a name cut to fit keeps
+    the part that tells it from the others (the port of `127.0.0.1:31234`). On a narrow pane
+    the TTFT column goes first, and a row never wraps."""
+    shown = list(records)[-max(0, height - 1) :] if height > 1 else []
+    show_ttft = width - REQUEST_FIXED_WIDTH - 4 >= 20
+    flexible = max(12, width - REQUEST_FIXED_WIDTH - 4 + (0 if show_ttft else 10))
+    server_width = _server_column_width(shown, flexible) if server_column else 0
+    model_width = flexible - server_width - (0 if server_column else 2)
+    names = distinct_labels((record.server for record in shown), server_width)
 
     def row(cells: tuple[str, str, str, str, str, str, str], styles: tuple[str, ...]) -> Text:
         time_, model, server, status, latency, ttft, tokens = cells
         line = Text.assemble(
             (f"{time_:<8}  ", styles[0]),
             (f"{_fit(model, model_width):<{model_width}}  ", styles[1]),
-            (f"{_fit(server, server_width):<{server_width}}  ", styles[2]),
+            (f"{names.get(server, server):<{server_width}}  " if server_column else "", styles[2]),
             (f"{status:>6}  ", styles[3]),
             (f"{latency:>8}  ", styles[4]),
             (f"{ttft:>8}  " if show_ttft else "", styles[5]),
@@ -472,7 +587,7 @@ def requests_table(records: Sequence[RequestRecord], height: int, width: int, pa
 
     header = row(("time", "model", "server", "status", "latency", "ttft", "tokens"), (f"bold {palette.muted}",) * 7)
     lines = [header]
-    for record in list(records)[-max(0, height - 1):] if height > 1 else []:
+    for record in shown:
         status_color = palette.up if record.status < 400 else palette.busy if record.status < 500 else palette.down
         lines.append(
             row(
@@ -481,6 +596,14 @@ def requests_table(records: Sequence[RequestRecord], height: int, width: int, pa
             )
         )
     return LINES.join(lines)
+
+
+def _server_column_width(records: Sequence[RequestRecord], flexible: int) -> int:
+    """As wide as the longest server name, but leaving the models at least as much room as
+    their longest name needs, and the servers at least two fifths."""
+    longest_server = max((len(record.server) for record in records), default=0)
+    longest_model = max((len(record.model) for record in records), default=0)
+    return min(max(len("server"), longest_server), max(flexible * 2 // 5, flexible - max(longest_model, len("model"))))
 
 
 # --- the key bar ------------------------------------------------------------------------
@@ -502,3 +625,164 @@ def key_bar(keys: Sequence[tuple[str, str, bool]], width: int, palette: Palette)
         lines[-1].append(" " * gap)
         lines[-1].append_text(item)
     return LINES.join(lines)
+
+
+# --- the banner under the top line: what is broken now ----------------------------------------
+
+
+def problems_banner(config_error: ConfigError | None, admin_problem: str | None, palette: Palette, reload_key: str = "r") -> Table | None:
+    """A broken config file (its path and every problem) and an admin API that is off, each in
+    full and wrapped; None when nothing is wrong."""
+    if config_error is None and admin_problem is None:
+        return None
+    grid = Table.grid(padding=(0, 1), expand=True)
+    grid.add_column(no_wrap=True, width=1)
+    grid.add_column(ratio=1)
+    if config_error is not None:
+        grid.add_row(Text("✕", style=f"bold {palette.down}"), config_error_head(config_error, palette, reload_key))
+        grid.add_row("", _bullets([str(problem) for problem in config_error.problems], palette))
+    if admin_problem is not None:
+        grid.add_row(Text("!", style=f"bold {palette.busy}"), Text.assemble(("admin API off: ", f"bold {palette.busy}"), (admin_problem, palette.text)))
+    return grid
+
+
+def config_error_head(error: ConfigError, palette: Palette, reload_key: str = "r") -> Text:
+    """`config file broken: PATH (2 problems)`, and what happens until it is fixed."""
+    where = str(error.path) if error.path else "the config"
+    return Text.assemble(
+        ("config file broken: ", f"bold {palette.down}"),
+        (where, f"bold {palette.text}"),
+        (f" ({plural(len(error.problems), 'problem')}). ", palette.text),
+        (f"The last good config stays in force until the file is fixed; it is read again when saved ({reload_key}: now).", palette.muted),
+    )
+
+
+def _bullets(items: Sequence[str], palette: Palette) -> RenderableType:
+    """One item a line, wrapped under its own text (a hanging indent)."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, style=palette.muted)
+    grid.add_column(style=palette.text)
+    for item in items:
+        grid.add_row("-", item)
+    return grid
+
+
+# --- a server's config entry, TOML-ish, without its secrets -------------------------------------
+
+HIDDEN = "(set, not shown)"
+SECRET_WORDS = ("key", "token", "secret", "password", "passwd")
+
+
+def config_entry(config: ServerConfig | InstanceConfig, url: str, palette: Palette) -> Text:
+    """`key = value` lines of a [servers] entry (every field) or an [[instances]] entry (the
+    model and what differs from the defaults). The URL is shown without credentials, an
+    api_key never, nor an environment variable or argument that looks like a secret."""
+    rows: list[tuple[str, str]] = [("url", _toml(url))]
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if item.name == "url" or (isinstance(config, InstanceConfig) and item.name != "model" and value == item.default):
+            continue
+        rows.append((item.name, _shown_value(item.name, value)))
+    width = max(len(key) for key, _ in rows)
+    return LINES.join(Text.assemble((f"{key:<{width}}", palette.muted), " = ", (value, palette.text)) for key, value in rows)
+
+
+def _shown_value(name: str, value: object) -> str:
+    if name == "api_key":
+        return HIDDEN if value else "none"
+    if name == "env" and isinstance(value, tuple):
+        pairs = ", ".join(f"{key} = {_toml(HIDDEN if _secret(key) else text)}" for key, text in value)
+        return f"{{ {pairs} }}"
+    if name in ("command", "extra_args") and isinstance(value, tuple):
+        return _toml(redact_args(value))
+    return _toml(value)
+
+
+def redact_args(args: Sequence[str]) -> tuple[str, ...]:
+    """Command-line arguments with the value of any secret-looking option hidden
+    (`--api-key X`, `--hf-token=X`)."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in args:
+        flag, equals, _ = arg.partition("=")
+        if hide_next:
+            shown.append(HIDDEN)
+        elif arg.startswith("-") and equals and _secret(flag):
+            shown.append(f"{flag}={HIDDEN}")
+        else:
+            shown.append(arg)
+        hide_next = arg.startswith("-") and not equals and _secret(arg)
+    return tuple(shown)
+
+
+def _secret(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in SECRET_WORDS)
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+# --- the details screen's parts ------------------------------------------------------------------
+
+
+def details_head(server: Server, palette: Palette, width: int) -> Text:
+    """Its models and its numbers now, wrapped between the pairs, never inside one."""
+    stats = server.stats
+    parts = [
+        _pair("models", ", ".join(server.models) or "none yet", palette, f"bold {palette.text}"),
+        _pair("running", f"{count(server.running)}/{server.capacity}", palette),
+        _pair("waiting", count(server.waiting), palette),
+        _pair("in flight", str(server.in_flight), palette),
+        _load_text(server, palette),
+        _pair("KV cache", _kv_percent(server), palette),
+        _pair("requests", str(stats.requests), palette),
+        _pair("errors", str(stats.errors), palette, palette.down if stats.errors else ""),
+        _pair("retries", str(stats.retries), palette, palette.busy if stats.retries else ""),
+    ]
+    return wrapped(parts, width, gap=3)
+
+
+def wrapped(items: Sequence[Text], width: int, gap: int = 2) -> Text:
+    """Items on lines of at most `width` cells, `gap` spaces apart, a line broken only between items."""
+    lines: list[Text] = [Text(no_wrap=True)]
+    for item in items:
+        if lines[-1].cell_len and lines[-1].cell_len + gap + item.cell_len > width:
+            lines.append(Text(no_wrap=True))
+        if lines[-1].cell_len:
+            lines[-1].append(" " * gap)
+        lines[-1].append_text(item)
+    return LINES.join(lines)
+
+
+def server_events(server: Server, events: Sequence[ClusterEvent], height: int, width: int, palette: Palette) -> Text:
+    """Its last error, then its last events, newest at the bottom."""
+    lines = []
+    if server.last_error:
+        lines.append(_error_line(server, width, palette))
+    shown = events_text(events, height, width, palette) if events else Text("no events for it yet", style=palette.muted)
+    return LINES.join([*lines, shown])
+
+
+def log_tail(lines: Sequence[str], palette: Palette) -> Text:
+    if not lines:
+        return Text("no output yet", style=palette.muted)
+    return Text("\n".join(line.rstrip() for line in lines), style=palette.text, no_wrap=True, overflow="ellipsis")
+
+
+def span_text(seconds: float) -> str:
+    """`42 s`, `3 min`, `1 min 30 s`."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes} min" + (f" {rest} s" if rest and minutes < 5 else "")

@@ -22,7 +22,11 @@ A theme file:
 
     [variables]                  # optional: any Textual variable, plus mvtui's own
     state-up = "#4ebf71"         # state-{up,down,busy,asleep,starting,idle},
-    bar-empty = "#2a3039"        # bar-{empty,low,mid,high}, spark-{requests,tokens}
+    bar-empty = "#2a3039"        # bar-{empty,low,mid,high}, spark-{requests,tokens},
+    pane-border = "#5f6b78"      # pane-border, key-disabled
+
+`contrast_problems` checks a theme's important pairs (text, borders, states, gauges, greyed
+keys on their backgrounds) against WCAG contrast minimums; every shipped theme passes.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from textual.color import Color, ColorParseError
 from textual.theme import Theme
@@ -93,7 +98,7 @@ def theme_from_mapping(data: Mapping[str, Any]) -> Theme:
     if problems:
         raise ThemeError("; ".join(problems))
     extras = {key: float(data[key]) for key in ("luminosity_spread", "text_alpha") if isinstance(data.get(key), (int, float))}
-    return Theme(name=name.strip(), dark=data.get("dark", True), variables=dict(variables), **colors, **extras)  # type: ignore[union-attr]
+    return Theme(name=name.strip(), dark=data.get("dark", True), variables=dict(variables), **colors, **extras)  # type: ignore[union-attr, arg-type]
 
 
 def _color_problem(key: str, value: Any) -> str | None:
@@ -209,3 +214,100 @@ def _parse(value: str) -> Color | None:
         return Color.parse(value)
     except (ColorParseError, ValueError, TypeError):
         return None
+
+
+# --- mvtui's own variables, for themes that do not set them ----------------------------------
+
+DEFAULT_COLORS = {"background": "#121212", "foreground": "#e0e0e0"}
+
+
+def base_variables(theme: Theme) -> dict[str, str]:
+    """Textual's variables for `theme`, with the theme's own [variables] over them."""
+    generated: dict[str, str] = {name: value for name, value in theme.to_color_system().generate().items() if value}
+    return {**generated, **theme.variables}
+
+
+def mvtui_defaults(theme: Theme) -> dict[str, str]:
+    """mvtui's variables (state, gauge, border and greyed-key colours) from a theme's base
+    colours: what a theme that does not set them gets (Textual's built-in themes)."""
+    base = base_variables(theme)
+
+    def pick(name: str, fallback: str) -> str:
+        return base.get(name, fallback)
+
+    background, foreground = pick("background", DEFAULT_COLORS["background"]), pick("foreground", DEFAULT_COLORS["foreground"])
+    return {
+        "state-up": pick("success", "#4ebf71"),
+        "state-down": pick("error", "#e05561"),
+        "state-busy": pick("warning", "#e5b045"),
+        "state-asleep": pick("secondary", "#8aa4ff"),
+        "state-starting": pick("primary", "#56b6c2"),
+        "state-idle": pick("foreground-darken-2", "#8a8f98"),
+        "bar-empty": pick("panel-lighten-1", "#3a3f4b"),
+        "bar-low": pick("primary", "#4ebf71"),
+        "bar-mid": pick("warning", "#e5b045"),
+        "bar-high": pick("error", "#e05561"),
+        "spark-requests": pick("primary", "#56b6c2"),
+        "spark-tokens": pick("accent", "#c678dd"),
+        "pane-border": blend(background, foreground, 0.5),
+        "key-disabled": blend(background, foreground, 0.45),
+    }
+
+
+def theme_variables(theme: Theme) -> dict[str, str]:
+    """Every variable the dashboard's CSS and panels see under `theme`, as Textual's
+    `App.get_css_variables` composes them: mvtui's defaults under the theme's."""
+    return {**mvtui_defaults(theme), **base_variables(theme)}
+
+
+def blend(background: str, foreground: str, amount: float) -> str:
+    return Color.parse(background).blend(Color.parse(foreground), amount).hex
+
+
+# --- contrast (WCAG 2) -------------------------------------------------------------------------
+
+TEXT_MIN = 4.5  # body text (WCAG AA)
+GRAPHIC_MIN = 3.0  # borders, state words and glyphs (bold), gauges, greyed keys
+TEXT_BACKGROUNDS = ("background", "surface", "panel")
+STATE_ROLES = ("up", "down", "busy", "asleep", "starting", "idle")
+
+# (colour, background it is drawn on, minimum ratio): what must stay readable in every theme.
+CONTRAST_PAIRS: tuple[tuple[str, str, float], ...] = (
+    *((text, background, TEXT_MIN) for text in ("foreground", "foreground-muted") for background in TEXT_BACKGROUNDS),
+    ("accent", "panel", TEXT_MIN),  # the footer's keys, the top bar's name
+    ("accent", "surface", TEXT_MIN),  # dialog titles; the selected pane's border
+    ("pane-border", "background", GRAPHIC_MIN),  # log and GPU panes
+    ("pane-border", "surface", GRAPHIC_MIN),  # server panes
+    *((f"state-{role}", background, GRAPHIC_MIN) for role in STATE_ROLES for background in TEXT_BACKGROUNDS),
+    *((f"bar-{level}", "bar-empty", GRAPHIC_MIN) for level in ("low", "mid", "high")),
+    *((f"spark-{kind}", "surface", GRAPHIC_MIN) for kind in ("requests", "tokens")),
+    ("key-disabled", "panel", GRAPHIC_MIN),
+)
+
+
+def relative_luminance(color: Color) -> float:
+    def linear(channel: int) -> float:
+        value = channel / 255
+        return value / 12.92 if value <= 0.03928 else ((value + 0.055) / 1.055) ** 2.4
+
+    return 0.2126 * linear(color.r) + 0.7152 * linear(color.g) + 0.0722 * linear(color.b)
+
+
+def contrast_ratio(foreground: str, background: str) -> float:
+    """WCAG's contrast ratio (1 to 21); a translucent foreground is blended onto the background."""
+    back = Color.parse(background)
+    front = Color.parse(foreground)
+    if front.a < 1:
+        front = back + front
+    lighter, darker = sorted((relative_luminance(front), relative_luminance(back)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+def contrast_problems(variables: Mapping[str, str]) -> list[str]:
+    """Each important pair under its minimum, as `foreground-muted on panel: 3.9 < 4.5`."""
+    found = []
+    for foreground, background, minimum in CONTRAST_PAIRS:
+        ratio = contrast_ratio(variables[foreground], variables[background])
+        if ratio < minimum:
+            found.append(f"{foreground} on {background}: {ratio:.2f} < {minimum}")
+    return found

@@ -6,10 +6,14 @@ Nothing here runs per request."""
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
+from rich.console import RenderableType
 from rich.text import Text
+from textual.events import Click
+from textual.message import Message
 from textual.widget import Widget
+from textual.widgets import Static
 
 from mvtui.cluster.state import ClusterEvent, RequestRecord, Server
 from mvtui.gpu import GpuSnapshot
@@ -50,11 +54,22 @@ class TextPane(Widget):
 
 
 class ServerPane(TextPane):
-    """One server: border title with state, name and URL; the body from `panels.server_body`."""
+    """One server: border title with state, name and URL; the body from `panels.server_body`.
+    A click selects it; a double click opens its details (the app handles `Clicked`)."""
+
+    class Clicked(Message):
+        def __init__(self, pane: ServerPane, clicks: int) -> None:
+            super().__init__()
+            self.pane = pane
+            self.clicks = clicks
 
     def __init__(self, server: Server) -> None:
         super().__init__(classes="server")
         self.server = server
+
+    def on_click(self, event: Click) -> None:
+        event.stop()
+        self.post_message(self.Clicked(self, event.chain))
 
     def show(self, palette: Palette, *, detailed: bool, selected: bool, width: int) -> None:
         role = panels.state_role(self.server.state)
@@ -73,6 +88,23 @@ class ClusterBar(TextPane):
     def __init__(self) -> None:
         super().__init__(id="cluster-bar")
         self.text = Text("mvtui  starting…")
+
+
+class Banner(Static):
+    """What is broken now (a config file, the admin API), in full under the cluster line;
+    hidden when nothing is. Redrawn only when what it says changes."""
+
+    def __init__(self) -> None:
+        super().__init__(id="banner")
+        self.key: Hashable = None
+        self.display = False
+
+    def show(self, key: Hashable, content: RenderableType | None) -> None:
+        if key == self.key:
+            return
+        self.key = key
+        self.display = content is not None
+        self.update(content if content is not None else "")
 
 
 class GpuPane(TextPane):
