@@ -816,6 +816,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     with tempfile.TemporaryDirectory(prefix="mvtui-soak-") as scratch:
         procs = Processes(Path(scratch))
         try:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import platformdirs
 
@@ -12,8 +12,7 @@ APP_NAME = "mvtui"
 CONFIG_ENV = "MVTUI_CONFIG"
 
 
-@dataclass(frozen=True)
-class AppPaths:
+class AppPaths(NamedTuple):  # not a dataclass: every CLI call imports this, and dataclasses costs ~13 ms
     config_dir: Path
     log_dir: Path
     state_dir: Path

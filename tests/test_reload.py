@@ -530,7 +530,7 @@ def test_twenty_config_changes_under_steady_load_lose_no_request(tmp_path: Path)
         # no crash in the parts a reload touches (the watcher's task would log "... stopped")
         for part in ("mvtui/control/", "mvtui/config/", "mvtui/cluster/", "stopped:"):
             assert part not in log, log[log.index(part) - 2000 :][:3000]
-        assert log.count("removed from the config; finishing requests in flight") == 2
+        assert log.count("no longer in the config in force; finishing requests in flight") == 2
     finally:
         for proc in [router, *sims]:
             if proc is not None:

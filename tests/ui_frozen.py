@@ -4,6 +4,7 @@ that moves) and a fake pynvml module, the only thing mocked (at the library boun
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -13,13 +14,14 @@ from typing import Any
 
 from mvtui.cluster.sleep_wake import Controller
 from mvtui.cluster.state import Cluster, ClusterEvent, EngineMetrics, RequestRecord
-from mvtui.config.schema import Config, RouterConfig, ServerConfig, UiConfig
+from mvtui.config.schema import Config, RouterConfig, ServerConfig, UiConfig, parse_config
 from mvtui.control.live_config import LiveConfig
 from mvtui.control.operator import Operator
 from mvtui.errors import ConfigError
 from mvtui.gpu import GpuProbe
 from mvtui.instances.manager import InstanceManager
 from mvtui.paths import AppPaths
+from mvtui.ui.history import MetricsHistory, Sample
 
 FROZEN_AT = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
 GIB = 1024**3
@@ -206,3 +208,66 @@ def two_gpus() -> FakeNvml:
             FakeGpu("NVIDIA H100 80GB HBM3", int(3.2 * GIB), 80 * GIB, 0, 38),
         ]
     )
+
+
+# --- what the dashboard would have seen over ten minutes, and a broken config file ----------------
+
+
+def fill_history(history: MetricsHistory, services: FrozenCore, minutes: float = 10.0) -> None:
+    """Ten minutes of samples for each server, in waves from its frozen numbers (a fixed
+    sequence, no clock), as the dashboard's tick would have taken them."""
+    count = int(minutes * 60 / history.period_s)
+    for server in services.cluster:
+        capacity, running, waiting, kv, _, _, tokens, ttft = FROZEN_SERVERS[server.name]
+        for index in range(count):
+            wave = (1 + math.sin(index / 9) * math.cos(index / 23)) / 2
+            history.record(
+                server.url,
+                Sample(
+                    at=index * history.period_s,
+                    running=round(running * (0.4 + 0.6 * wave) + (1 if index % 17 == 0 else 0)),
+                    waiting=float(waiting if index % 40 < 8 else 0),
+                    kv_percent=(kv or 0.0) * 100 * (0.5 + 0.5 * wave),
+                    ttft_ms=(ttft[0] if ttft else 0.0) * 1000 * (0.8 + 0.4 * wave),
+                    tokens_per_s=(max(tokens) if tokens else 0.0) * wave,
+                ),
+            )
+
+
+BROKEN_TEXT = """[router]
+policy = "fastest"
+
+[servers]
+servers = [
+  { url = "http://10.0.0.11:8000", name = "small" },
+  { url = "htp://gpu-2:8000" },
+  { url = "http://10.0.0.13:8000", max_concurrent_requests = "eight" },
+]
+"""
+BROKEN_PATH = Path("/home/ops/.config/mvtui/servers.toml")
+
+
+def broken_config() -> ConfigError:
+    """The errors of a real broken file, as the parser reports them."""
+    try:
+        parse_config(BROKEN_TEXT)
+    except ConfigError as error:
+        return ConfigError(BROKEN_PATH, error.problems)
+    raise AssertionError("BROKEN_TEXT parsed")
+
+
+def break_config(services: FrozenCore) -> ConfigError:
+    """The config file turned out broken, as LiveConfig reports it (the last good config stays)."""
+    services.live.error = error = broken_config()
+    message = f"{error}\nkeeping the last good config in force until the file is fixed"
+    services.cluster.events.append(ClusterEvent("config-error", "config", message, at=FROZEN_AT + 30))
+    return error
+
+
+@dataclass
+class FrozenAdmin:
+    """An admin API's state as the dashboard sees it (mvtui.ui.core.AdminState)."""
+
+    url: str | None = None
+    problem: str | None = None
+    notice: str | None = None

@@ -363,7 +363,7 @@ class Cluster:
         for server in list(self.servers.values()):
             if server.url not in wanted and server.lifecycle is None and not server.removed:
                 server.removed = True
-                self.emit("removing", server, "removed from the config; finishing requests in flight")
+                self.emit("removing", server, "no longer in the config in force; finishing requests in flight")
         return added
 
     def _update(self, server: Server, config: ServerConfig) -> None:

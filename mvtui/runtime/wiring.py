@@ -41,10 +41,6 @@ from mvtui.runtime.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 64 * 1024 * 1024
-# aiohttp's default (128) drops SYNs when hundreds of clients connect at once; each then waits
-# a 1 s retransmit (benchmarks/router_bench.py, c=256). The kernel caps it at net.core.somaxconn.
-LISTEN_BACKLOG = 1024
 CONFIG_SOURCE = "config"  # the `server` field of the cluster events about the config
 
 
@@ -81,7 +77,7 @@ class Services:
         self.admin: AdminServer | None = None
         self.reloader: ConfigReloader | None = None
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: web.BaseSite | None = None
         self.supervisor = Supervisor(self.cluster.part_fault)
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
 

@@ -67,11 +67,14 @@ class MetricsHistory:
         self._last = now
         seen = set()
         for server in servers:
-            self._series.setdefault(server.url, deque(maxlen=self.length)).append(sample_of(server, now))
+            self.record(server.url, sample_of(server, now))
             seen.add(server.url)
         for url in list(self._series):
             if url not in seen:
                 del self._series[url]
+
+    def record(self, url: str, sample: Sample) -> None:
+        self._series.setdefault(url, deque(maxlen=self.length)).append(sample)
 
     def samples(self, url: str) -> list[Sample]:
         return list(self._series.get(url, ()))

@@ -97,12 +97,13 @@ class Banner(Static):
     def __init__(self) -> None:
         super().__init__(id="banner")
         self.key: Hashable = None
+        self.shown: RenderableType | None = None
         self.display = False
 
     def show(self, key: Hashable, content: RenderableType | None) -> None:
         if key == self.key:
             return
-        self.key = key
+        self.key, self.shown = key, content
         self.display = content is not None
         self.update(content if content is not None else "")
 
