@@ -748,7 +748,9 @@ def report(outcome: Outcome, args: argparse.Namespace, command: str, when: str) 
     p50 = latencies[len(latencies) // 2] if latencies else 0.0
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0
     faults = outcome.events.counts
-    fault_words = ", ".join(f"{kind} {n}" for kind, n in sorted(faults.items()) if kind not in ("lost", "reset"))
+    fault_words = ", ".join(
+        f"{kind} {n}" for kind, n in sorted(faults.items()) if kind not in ("lost", "reset", "health stall", "health recovered")
+    )
     rows = [
         "| | |",
         "|---|--:|",
@@ -762,6 +764,7 @@ def report(outcome: Outcome, args: argparse.Namespace, command: str, when: str) 
         f"| **lost without an answer** (no status, or a 200 gone silent, before the {args.client_timeout:g} s client timeout) | **{lost_count(tally)}** |",
         f"| mvtui peak RSS | {readings.peak_rss():.0f} MiB (first minute {first_rss:.0f}, last minute {last_rss:.0f}) |",
         f"| mvtui peak open file descriptors | {readings.peak_fds()} (first minute {first_fds}, last minute {last_fds}) |",
+        f"| mvtui's /health unanswered within {HEALTH_TIMEOUT_S:g} s (checks every {WATCH_EVERY_S:g} s) | {faults['health stall']} |",
         f"| mvtui tracebacks in its log | {len(outcome.tracebacks)} |",
         f"| mvtui at the end | {end_state(outcome)} |",
     ]

@@ -31,6 +31,12 @@ Build = Callable[["LazySubcommands"], None]
 SIM_HELP = "run a simulated vLLM server"
 SIM_DESCRIPTION = "A simulated vLLM server: the OpenAI API, /metrics, sleep and wake, as vLLM answers them."
 INIT_HELP = "write a commented starter config"
+MODEL_COMMANDS = {  # listed at once; mvtui.admin.model_commands builds and runs them when chosen
+    "models": "list the models in the local Hugging Face cache and the instances using them",
+    "pull": "download a model from the Hugging Face hub into the local cache",
+    "run": "chat with a model in the terminal (starts or wakes its instance first)",
+    "assign": "set a model's launch settings in its [[instances]] entry of the config file",
+}
 
 
 class Recorded:
@@ -115,6 +121,15 @@ def _build_init(commands: LazySubcommands) -> None:
     add_init_command(commands)
 
 
+def _build_model_command(name: str) -> Build:
+    def build(commands: LazySubcommands) -> None:
+        from mvtui.admin.model_commands import add_model_command
+
+        add_model_command(commands, name, MODEL_COMMANDS[name])
+
+    return build
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mvtui", description="Dashboard and OpenAI-compatible router for vLLM clusters.")
     parser.add_argument("--version", action="version", version=f"mvtui {__version__}")
@@ -128,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     assert isinstance(commands, LazySubcommands)
     commands.add_later("sim", SIM_HELP, _build_sim)
     add_admin_commands(commands)
+    for name, text in MODEL_COMMANDS.items():
+        commands.add_later(name, text, _build_model_command(name))
     commands.add_later("init", INIT_HELP, _build_init)
     return parser
 
@@ -218,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_sim_from_args(args)
     from mvtui.paths import AppPaths
 
+    if args.command in MODEL_COMMANDS:  # the HF cache, the hub, a chat, an [[instances]] entry
+        from mvtui.admin.model_commands import run_model_command
+
+        return run_model_command(args, AppPaths.default())
     if args.command in ADMIN_COMMANDS:  # talks to a running mvtui: no config, no logging setup
         from mvtui.admin.client import run_admin_command
 

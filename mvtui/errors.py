@@ -33,6 +33,11 @@ class Unavailable(CommandError):
         self.retry_after_s = retry_after_s
 
 
+class FleetUnavailable(CommandError):
+    """A change that every replica must share, refused while the shared store (Redis) cannot
+    be reached: nothing was changed."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a config file, where the parser could tell."""

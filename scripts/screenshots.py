@@ -8,7 +8,10 @@ PNGs look best with the font the SVGs name installed (`apt-get install fonts-fir
 The demo's simulated servers and synthetic load are the real ones (`mvtui --demo`). This
 machine may have no GPU, so the main views show simulated GPU readings (two 80 GiB cards
 whose memory follows the demo's load), set up below and said so in the README; the
-"no GPU" view shows what this machine's NVML really answers.
+"no GPU" view shows what this machine's NVML really answers. The details screen's plots
+are sampled every 0.25 s here instead of every 2 s, so that the warm-up fills them (their
+title says how long they cover). The config error is a real broken file, read by a real
+mvtui over two simulated servers.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ sys.path.insert(0, str(ROOT))
 from mvtui.cli import build_parser, core_factory  # noqa: E402
 from mvtui.gpu import GpuProbe  # noqa: E402
 from mvtui.paths import AppPaths  # noqa: E402
+from mvtui.sim.config import SimConfig  # noqa: E402
+from mvtui.sim.server import SimServer  # noqa: E402
 from mvtui.ui.app import Dashboard, create_app  # noqa: E402
+from mvtui.ui.history import MetricsHistory  # noqa: E402
 
 GIB = 1024**3
 WIDE = (160, 48)
@@ -97,11 +103,13 @@ class Shooter:
         self.out = out
         self.svgs: list[Path] = []
 
-    async def take(self, app: Dashboard, pilot, name: str, settle: float = 0.3) -> None:  # type: ignore[no-untyped-def]
+    async def take(self, app: Dashboard, pilot, name: str, settle: float = 0.3, notices: bool = False, title: str = "mvtui --demo") -> None:  # type: ignore[no-untyped-def]
+        if not notices:
+            app.clear_notifications()
         await app.repaint()
         await pilot.pause(settle)
         path = self.out / f"{name}.svg"
-        path.write_text(app.export_screenshot(title=f"mvtui --demo  ({name})"), encoding="utf-8")
+        path.write_text(app.export_screenshot(title=f"{title}  ({name})"), encoding="utf-8")
         self.svgs.append(path)
         print(f"  {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
@@ -109,8 +117,9 @@ class Shooter:
 async def shoot(out: Path, warmup: float, paths: AppPaths) -> list[Path]:
     args = build_parser().parse_args(["--demo", "--port", "0"])
     app = create_app(core_factory(args, paths), paths, user_themes=False)
+    app.history = MetricsHistory(period_s=0.25)
     shooter = Shooter(out)
-    async with app.run_test(size=WIDE) as pilot:
+    async with app.run_test(size=WIDE, notifications=True) as pilot:
         await app.settled()
         await wait_for_gpu_reading(app, GpuProbe(DemoNvml()))
         print(f"demo running; {warmup:.0f} s of traffic before the first picture")
@@ -126,6 +135,18 @@ async def shoot(out: Path, warmup: float, paths: AppPaths) -> list[Path]:
         await pilot.press("question_mark")
         await shooter.take(app, pilot, "help")
         await pilot.press("escape")
+
+        await pilot.press("enter")  # the first server's details
+        await shooter.take(app, pilot, "details")
+        await pilot.resize_terminal(*SMALL)
+        await shooter.take(app, pilot, "details-80x24")
+        await pilot.press("escape")
+        await pilot.resize_terminal(100, 30)
+        await pilot.press("ctrl+p", *"sleep")
+        await pilot.pause(0.5)  # the palette searches in the background
+        await shooter.take(app, pilot, "palette")
+        await pilot.press("escape")
+        await pilot.resize_terminal(*WIDE)
 
         await pilot.press("down")  # "medium"
         await pilot.press("d")  # at once, while its requests are still in flight
@@ -148,7 +169,51 @@ async def shoot(out: Path, warmup: float, paths: AppPaths) -> list[Path]:
         deadline = time.monotonic() + 30
         while app.is_running and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+    await shoot_config_error(shooter, paths)
     return shooter.svgs
+
+
+CONFIG = """[router]
+host = "127.0.0.1"
+port = 0
+
+[admin]
+enabled = false
+
+[servers]
+servers = [
+  {{ url = "{first}", name = "gpu-1", max_concurrent_requests = 8 }},
+  {{ url = "{second}", name = "gpu-2", max_concurrent_requests = 8 }},
+]
+"""
+# What a hurried edit leaves: a typo in a key, a scheme missing a letter, a word for a number.
+BROKEN = (
+    ("port = 0", "prot = 8888"),
+    ('"http://', '"htp://'),
+    ('"gpu-2", max_concurrent_requests = 8', '"gpu-2", max_concurrent_requests = "eight"'),
+)
+
+
+async def shoot_config_error(shooter: Shooter, paths: AppPaths) -> None:
+    """A real mvtui over two simulated servers, whose config file is then saved broken."""
+    async with SimServer(SimConfig(model="demo")) as first, SimServer(SimConfig(model="demo")) as second:
+        path = paths.config_dir / "servers.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        good = CONFIG.format(first=first.url, second=second.url)
+        path.write_text(good, encoding="utf-8")
+        app = create_app(core_factory(build_parser().parse_args(["--config", str(path)]), paths), paths, user_themes=False)
+        async with app.run_test(size=SMALL, notifications=True) as pilot:
+            await app.settled()
+            await wait_for_gpu_reading(app, GpuProbe(DemoNvml()))
+            broken = good
+            for old, new in BROKEN:
+                broken = broken.replace(old, new, 1)
+            path.write_text(broken, encoding="utf-8")
+            await pilot.press("r")
+            while app.core is None or app.core.config_error is None:
+                await asyncio.sleep(0.05)
+            await shooter.take(app, pilot, "config-error", settle=0.5, notices=True, title="mvtui --config servers.toml")
+            await pilot.press("q")
 
 
 def png_converter() -> str | None:

@@ -377,7 +377,8 @@ def test_both_metric_generations_show_kv_cache_use(tmp_path: Path) -> None:
     old = start_sim("llama", extra=["--tokens-per-s", "10", "--max-num-seqs", "2", "--legacy-metrics"])
     router = None
     try:
-        router = start_router(write_config(tmp_path / "servers.toml", [(new.url, 2), (old.url, 2)]))
+        # without the router's queue, so that the servers queue the third request themselves
+        router = start_router(write_config(tmp_path / "servers.toml", [(new.url, 2), (old.url, 2)], "[router]\nqueue = false\n"))
         wait_until(lambda: healthy_count(router) == 2)
 
         body = {"model": "llama", "messages": [{"role": "user", "content": "x " * 200}], "max_tokens": 30}

@@ -90,7 +90,7 @@ async def test_a_broken_config_file_is_shown_in_full_until_it_is_fixed(tmp_path:
         assert "max_concurrent_requests: expected an integer, got the string 'eight'" in shown
         title, severity, message = notices(app)[-1]
         assert (title, severity) == ("config file broken", "error")
-        assert str(path) in message and "'fastest'" in message and "'eight'" in message
+        assert message == f"{path}: 2 problems, each in full under the top line. The last good config stays in force."
 
         path.write_text(GOOD)
         await pilot.press("r")
@@ -105,7 +105,7 @@ def test_the_events_pane_shows_a_config_error_on_one_line(paths: AppPaths) -> No
     text.print(panels.events_text(services.cluster.events, 10, 118, panels.Palette()))
     lines = text.export_text().splitlines()
     assert len(lines) == len(services.cluster.events)
-    assert "config" in lines[-1] and "3 problems in the config; line 2, column 1" in lines[-1]
+    assert "config" in lines[-1] and "3 problems in the config; line 2, column 1: router." in lines[-1]
 
 
 async def test_the_banner_wraps_every_problem_at_80_columns(paths: AppPaths) -> None:
@@ -206,7 +206,7 @@ async def test_the_request_log_tells_servers_on_one_host_apart(paths: AppPaths) 
     for index, port in enumerate((31234, 31235, 31236) * 3):
         services.cluster.record(RequestRecord(1000.0 + index, "POST", "/v1/chat/completions", "meta-llama/Llama-3.1-8B-Instruct", f"127.0.0.1:{port}", 200, 1.0, 0.1, 10, 0))
     app = frozen_app(paths, services)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(80, 30)) as pilot:
         await app.settled()
         await pilot.press("R")
         pane = app.query_one(RequestsPane)

@@ -5,13 +5,13 @@ at the report before committing the new SVGs."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from mvtui.ui.app import Dashboard, create_app
-from tests.ui_frozen import FakeNvml, frozen_factory, frozen_services, tmp_paths
+from tests.ui_frozen import FakeNvml, FrozenCore, break_config, fill_history, frozen_factory, frozen_services, tmp_paths
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +28,16 @@ def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 SNAPSHOT_PATHS = tmp_paths(Path("/nonexistent/mvtui-snapshots"))
 
 
-def frozen_app(names: tuple[str, ...] = ("small", "medium", "big"), nvml: FakeNvml | None = None) -> Dashboard:
+def frozen_app(
+    names: tuple[str, ...] = ("small", "medium", "big"), nvml: FakeNvml | None = None, setup: Callable[[FrozenCore], object] | None = None
+) -> Dashboard:
     paths = SNAPSHOT_PATHS
-    return create_app(frozen_factory(frozen_services(paths, names, nvml)), paths, user_themes=False)
+    services = frozen_services(paths, names, nvml)
+    if setup is not None:
+        setup(services)
+    app = create_app(frozen_factory(services), paths, user_themes=False)
+    fill_history(app.history, services)  # ten minutes of numbers for the details screen's plots
+    return app
 
 
 async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
@@ -63,3 +70,25 @@ def test_help_screen_80x24(snap_compare) -> None:  # type: ignore[no-untyped-def
 def test_help_screen_80x24_scrolled_to_the_end(snap_compare) -> None:  # type: ignore[no-untyped-def]
     """...and its end: the state legend (removing too) and the log path are reachable."""
     assert snap_compare(frozen_app(), press=["question_mark", "end"], terminal_size=(80, 24), run_before=settle)
+
+
+def test_config_error_80x24(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    """A broken config file: the banner under the top line, with the path and every problem."""
+    assert snap_compare(frozen_app(setup=break_config), terminal_size=(80, 24), run_before=settle)
+
+
+def test_details_screen_80x24(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(frozen_app(), press=["enter"], terminal_size=(80, 24), run_before=settle)
+
+
+def test_details_screen_160x48(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(frozen_app(), press=["down", "enter"], terminal_size=(160, 48), run_before=settle)
+
+
+def test_command_palette(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    async def search(pilot) -> None:  # type: ignore[no-untyped-def]
+        await settle(pilot)
+        await pilot.press("ctrl+p", *"sleep")
+        await pilot.pause(0.5)  # the palette searches in the background
+
+    assert snap_compare(frozen_app(), terminal_size=(100, 30), run_before=search)

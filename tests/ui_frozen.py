@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -217,6 +218,7 @@ def fill_history(history: MetricsHistory, services: FrozenCore, minutes: float =
     """Ten minutes of samples for each server, in waves from its frozen numbers (a fixed
     sequence, no clock), as the dashboard's tick would have taken them."""
     count = int(minutes * 60 / history.period_s)
+    end = time.monotonic()  # the clock the dashboard samples on: the newest sample is now
     for server in services.cluster:
         capacity, running, waiting, kv, _, _, tokens, ttft = FROZEN_SERVERS[server.name]
         for index in range(count):
@@ -224,7 +226,7 @@ def fill_history(history: MetricsHistory, services: FrozenCore, minutes: float =
             history.record(
                 server.url,
                 Sample(
-                    at=index * history.period_s,
+                    at=end - (count - 1 - index) * history.period_s,
                     running=round(running * (0.4 + 0.6 * wave) + (1 if index % 17 == 0 else 0)),
                     waiting=float(waiting if index % 40 < 8 else 0),
                     kv_percent=(kv or 0.0) * 100 * (0.5 + 0.5 * wave),
@@ -235,7 +237,7 @@ def fill_history(history: MetricsHistory, services: FrozenCore, minutes: float =
 
 
 BROKEN_TEXT = """[router]
-policy = "fastest"
+prot = 8888
 
 [servers]
 servers = [

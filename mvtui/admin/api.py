@@ -67,6 +67,7 @@ class AdminApi:
             web.delete("/instances/{id}", self.delete_instance),
             web.post("/instances/{id}/start", self.start_instance),
             web.post("/instances/{id}/stop", self.stop_instance),
+            web.post("/instances/{id}/restart", self.restart_instance),
             web.route("*", "/proxy/{id}/{path:.*}", self.proxy),
         ]
 
@@ -279,6 +280,18 @@ class AdminApi:
         await self.operator.stop(instance.label)
         return web.json_response(self.instance_info(instance))
 
+    async def restart_instance(self, request: web.Request) -> web.Response:
+        """Stop, then start with the entry's current settings. `{"wait": false}` (or
+        `?wait=0`): 202 once the restart has begun; follow it with GET /instances/{id}."""
+        instance = self._instance(request)
+        restart = self.operator.restart(instance.label)
+        if await _wait(request):
+            await restart
+            return web.json_response(self.instance_info(instance))
+        self.spawn(_quietly(restart), f"admin restart {instance.label}")
+        await asyncio.sleep(0)  # let it begin, so the answer already reads "stopping" or "starting"
+        return web.json_response(self.instance_info(instance), status=202)
+
     # --- direct access --------------------------------------------------------------------
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
@@ -313,6 +326,13 @@ async def _persist(request: web.Request) -> bool:
     if "persist" in request.query:
         return request.query["persist"].lower() in ("1", "true", "yes")
     return _flag((await _json_object(request)).get("persist", False), "persist")
+
+
+async def _wait(request: web.Request) -> bool:
+    """`?wait=0` or `{"wait": false}`: answer at once; by default once it is done."""
+    if "wait" in request.query:
+        return request.query["wait"].lower() not in ("0", "false", "no")
+    return _flag((await _json_object(request)).get("wait", True), "wait")
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

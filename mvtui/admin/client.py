@@ -1,5 +1,5 @@
-"""`mvtui ps | top | info | start | stop | sleep | wake | drain | undrain | save | add-server |
-remove-server | set-capacity`: the running mvtui's
+"""`mvtui ps | top | info | start | stop | restart | sleep | wake | drain | undrain | save |
+add-server | remove-server | set-capacity`: the running mvtui's
 admin API from the shell. Tables for people, `--json` for scripts.
 
 Exit status: 0 done, 1 the command failed, 3 no mvtui is running.
@@ -28,6 +28,7 @@ ADMIN_COMMANDS = (
     "info",
     "start",
     "stop",
+    "restart",
     "sleep",
     "wake",
     "drain",
@@ -56,6 +57,9 @@ DESCRIPTIONS = {
     "it serves, fails, or --timeout passes (--no-wait: returns once the start has begun).",
     "stop": "Stop a local vLLM instance: no new requests, those in flight finish, then SIGTERM to its process group "
     "(SIGKILL after [config] shutdown_timeout).",
+    "restart": "Restart a local vLLM instance: stop it as `mvtui stop` does (requests in flight finish first), then "
+    "start it again with its [[instances]] entry as the config file says now, so settings changed since its start "
+    "(by `mvtui assign`, say) apply. Prints its progress until it serves, fails, or --timeout passes.",
     "sleep": "Put a server to sleep with vLLM's sleep mode, freeing its GPU memory: no new requests, those in flight "
     "finish (up to [config] drain_timeout), then /sleep. Level 1 moves the weights to CPU memory, level 2 drops "
     "them. vLLM must run with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1.",
@@ -110,6 +114,9 @@ def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:  # type:
     start.add_argument("--no-wait", action="store_true", help="return once the start has begun")
     stop = add("stop", parents=[common], help="stop a local instance (drain, SIGTERM, SIGKILL after a timeout)")
     stop.add_argument("model", metavar="MODEL", help="instance name or model")
+    restart = add("restart", parents=[common], help="stop a local instance, then start it again with its current settings")
+    restart.add_argument("model", metavar="NAME", help="instance name or model")
+    restart.add_argument("--no-wait", action="store_true", help="return once the restart has begun")
     sleep = add("sleep", parents=[common], help="drain a server, then put it to sleep")
     sleep.add_argument("name", metavar="NAME", help="server or instance name")
     sleep.add_argument("--level", type=int, choices=(1, 2), default=1, help="1: weights to CPU RAM; 2: weights dropped")
@@ -365,6 +372,35 @@ def _stop(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
     return _done(instance, args, out, f"{instance['name']} {instance['lifecycle']}")
 
 
+def _restart(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
+    instance = client.call("POST", f"/instances/{quoted(args.model)}/restart", {"wait": False})
+    if not args.no_wait:
+        instance = _follow_start(client, _follow_stop(client, instance, args, out), args, out)
+    if args.json:
+        _print_json(instance, out)
+    elif instance["lifecycle"] == "running":
+        print(f"{instance['name']} running on {instance['url']} (pid {instance['pid']}, log {instance['log']})", file=out)
+    elif instance["lifecycle"] != "error":
+        print(f"{instance['name']} {instance['lifecycle']}", file=out)
+    if instance["lifecycle"] == "error":
+        raise AdminFailure(f"{instance['name']} failed to start: {instance['error']}")
+    return 0
+
+
+def _follow_stop(client: AdminClient, instance: dict[str, Any], args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
+    """Poll while the instance stops (requests in flight finish first)."""
+    deadline = time.monotonic() + args.timeout
+    path = f"/instances/{quoted(instance['name'])}"
+    if instance["lifecycle"] == "stopping" and not args.json:
+        print(f"{instance['name']}: stopping, {instance['in_flight']} in flight", file=out, flush=True)
+    while instance["lifecycle"] == "stopping":
+        if time.monotonic() >= deadline:
+            raise AdminFailure(f"{instance['name']} is still stopping after {args.timeout:g} s")
+        time.sleep(POLL_S)
+        instance = client.call("GET", path)
+    return instance
+
+
 def _sleep(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
     server = client.call("POST", f"/servers/{quoted(args.name)}/sleep", {"level": args.level})
     return _done(server, args, out, f"{server['name']} {server['state']}")
@@ -428,6 +464,7 @@ COMMANDS: dict[str, Callable[[AdminClient, argparse.Namespace, TextIO], int]] = 
     "info": _info,
     "start": _start,
     "stop": _stop,
+    "restart": _restart,
     "sleep": _sleep,
     "wake": _wake,
     "drain": _server_change("drain"),

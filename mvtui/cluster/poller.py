@@ -37,6 +37,10 @@ PAUSE_JITTER = 0.1  # +-10 %: backed-off probes of many dead servers do not stay
 MAX_DOUBLINGS = 30
 # What a poll can meet from a backend; anything else is a bug, and the supervisor's.
 POLL_ERRORS = (VllmError, aiohttp.ClientError, ValueError, *CONNECTION_ERRORS)
+# /health answers meaning "no such endpoint": the server is checked by its model list instead.
+NO_HEALTH_ENDPOINT = (404, 405, 501)
+# Every vLLM /metrics page has it; a page without it is some other program's metrics.
+VLLM_GAUGE = "vllm:num_requests_running"
 
 
 class Scrape(enum.Enum):
@@ -194,14 +198,15 @@ class Poller:
             # A URL that cannot be requested at all (port 99999) will not get better.
             self._failed(server, "health", describe_error(error), at_once=_is_invalid_url(error))
             return
-        if status != 200:
+        # An OpenAI-compatible server without /health: its model list (with its key) says it is up.
+        if status != 200 and status not in NO_HEALTH_ENDPOINT:
             self._failed(server, "health", f"/health answered {status}")
             return
         was_up = server.is_up
         try:
             cards = await client.models()
         except POLL_ERRORS as error:
-            self._failed(server, "models", describe_error(error))
+            self._failed(server, "models", _models_problem(server, error))
             return
         server.model_cards = cards
         server.discovered_models = tuple(card["id"] for card in cards)
@@ -232,7 +237,7 @@ class Poller:
         """/metrics; its failure is never a health failure (/health decides that)."""
         timing = self.timing()
         client = self.client(server, max(0.2, timing.metrics_interval * 0.9))
-        sent_before = server.sent_total
+        sent_before, in_flight_before = server.sent_total, server.in_flight
         epoch = server.sleep_epoch
         try:
             text = await client.metrics_text()
@@ -245,8 +250,11 @@ class Poller:
         except POLL_ERRORS as error:
             self._metrics_failed(server, describe_error(error))
             return Scrape.FAILED
+        if VLLM_GAUGE not in text:  # a Prometheus page, but not vLLM's: no load to read there
+            self._metrics_failed(server, "/metrics has no vLLM metrics")
+            return Scrape.FAILED
         metrics = parse_metrics(text, asyncio.get_running_loop().time())
-        server.scraped(metrics, sent_before)
+        server.scraped(metrics, sent_before, in_flight_before)
         fresh = epoch == server.sleep_epoch and not (server.waking or server.sleep_pending)
         if metrics.sleep_state in SLEEP_LEVEL_BY_STATE and fresh:
             server.sleep_level = SLEEP_LEVEL_BY_STATE[metrics.sleep_state]
@@ -274,6 +282,15 @@ class Poller:
             if not self._hook_failed:
                 self._hook_failed = True
                 log.exception("the poll error hook failed (for %s, %s)", server.name, kind)
+
+
+def _models_problem(server: Server, error: BaseException) -> str:
+    """Why the model list failed; a refused key says which setting to fix."""
+    status = error.status if isinstance(error, VllmError) else None
+    if status in (401, 403):
+        fix = "its `api_key` is not accepted" if server.config.api_key else "set `api_key` for it"
+        return f"{status} from the server: {fix}"
+    return describe_error(error)
 
 
 def _part(server: Server) -> str:

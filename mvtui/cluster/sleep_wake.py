@@ -3,6 +3,8 @@
 Rules from vLLM's hazards (shared/VLLM.md): stop admitting and let requests in flight
 finish before `/sleep`; never forward to a sleeping or waking server; one sleep or wake at
 a time per server (a per-server lock); one wake shared by every request that waits for it.
+With several replicas (`coordination.py`), the same holds across them: a lease per server,
+a drain on every replica, and one wake for all of them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 
+from mvtui.cluster.coordination import Coordinator, Lease, LocalCoordinator, Phase
 from mvtui.cluster.state import Cluster, Server
 from mvtui.cluster.vllm import SLEEP_LEVEL_BY_STATE, VllmClient, parse_metrics
 from mvtui.config.schema import TimingConfig
@@ -52,6 +55,7 @@ class Controller:
         self.clock = clock
         self.before_wake: BeforeWake | None = None
         self.on_demand: OnDemand | None = None
+        self.coordinator: Coordinator = LocalCoordinator()  # mvtui/fleet/ gives a shared one
         self._locks: dict[str, asyncio.Lock] = {}
         self._wakes: dict[str, asyncio.Task[None]] = {}
 
@@ -96,25 +100,37 @@ class Controller:
             return
         if server.sleep_level:
             raise CommandError(f"{server.name} is asleep at level {server.sleep_level}; wake it before sleeping at level {level}")
+        lease = await self.coordinator.acquire(server, "sleep", level, required=True)
+        if lease is None:
+            raise CommandError(f"another mvtui replica is putting {server.name} to sleep or waking it; try again when it is done")
+        try:
+            await self._sleep_leased(server, level, lease)
+        finally:
+            await lease.release()
+
+    async def _sleep_leased(self, server: Server, level: int, lease: Lease) -> None:
         timing = self.timing()
         self._set(server, sleep_pending=True)
         self.cluster.emit("sleep", server, f"draining before sleep (level {level}), {server.in_flight} in flight")
         asleep = False
         try:
-            if not await self._drained(server, timing.drain_timeout):
-                left = f"{server.in_flight} request{'' if server.in_flight == 1 else 's'}"
-                raise CommandError(f"{server.name} still has {left} in flight after {timing.drain_timeout:g} s; not sleeping")
+            await lease.announce("draining", level)  # every replica stops routing there
+            if not await self._drained(server, timing.drain_timeout, lease):
+                raise CommandError(f"{server.name} still has {_left(server)} in flight after {timing.drain_timeout:g} s; not sleeping")
+            await lease.check()
             asleep = await self._post_sleep(server, level)
         finally:
             # No await between these writes: the router never sees a half-set state.
             if asleep:
                 server.sleep_level = level
             self._set(server, sleep_pending=False)
+            await _told(lease, "asleep" if asleep else "awake", level)
         self.cluster.emit("sleep", server, f"asleep at level {level}")
 
-    async def _drained(self, server: Server, timeout: float) -> bool:
+    async def _drained(self, server: Server, timeout: float, lease: Lease) -> bool:
+        """Nothing in flight from this replica, nor from any other (which have all seen the drain)."""
         deadline = self.clock() + timeout
-        while server.in_flight:
+        while server.in_flight or not await lease.others_idle():
             if self.clock() >= deadline:
                 return False
             await asyncio.sleep(DRAIN_POLL_S)
@@ -179,24 +195,64 @@ class Controller:
             if server.lifecycle not in (None, "running"):
                 raise CommandError(f"{server.name} is {server.lifecycle}")
             client = self.client(server)
-            level = server.sleep_level or await self._observed_level(server, client)
-            if not level:
-                return  # awake already
-            if self.before_wake is not None:
-                await self.before_wake(server)
-            started = self.clock()
-            self._set(server, waking=True)
-            self.cluster.emit("wake", server, f"waking from level {level}")
-            awake = False
-            try:
-                await self._wake_calls(server, client, level)
-                awake = True
-            finally:
-                if awake:
-                    server.sleep_level = 0
-                    server.last_used = self.clock()
-                self._set(server, waking=False)
-            self.cluster.emit("wake", server, f"awake after {self.clock() - started:.1f} s")
+            deadline = self.clock() + self.timing().wake_timeout
+            if server.sleep_pending or server.waking:  # another replica's operation (ours hold this lock)
+                level = await self.coordinator.wait_settled(server, self.timing().wake_timeout)
+            else:
+                level = server.sleep_level or await self._observed_level(server, client) or 0
+            while level:
+                lease = await self.coordinator.acquire(server, "wake", level, required=False)
+                if lease is not None:
+                    try:
+                        return await self._wake_leased(server, client, level, lease)
+                    finally:
+                        await lease.release()
+                # Another replica sleeps or wakes it: share its outcome, or wake it after that.
+                level = await self.coordinator.wait_settled(server, max(0.0, deadline - self.clock()))
+            self._woken_elsewhere(server)
+
+    def _woken_elsewhere(self, server: Server) -> None:
+        if server.sleep_level or server.waking or server.sleep_pending:
+            server.sleep_level = 0
+            server.last_used = self.clock()
+            self._set(server, waking=False, sleep_pending=False)
+
+    async def _wake_leased(self, server: Server, client: VllmClient, level: int, lease: Lease) -> None:
+        if self.before_wake is not None:
+            await self.before_wake(server)
+        started = self.clock()
+        self._set(server, waking=True)
+        self.cluster.emit("wake", server, f"waking from level {level}")
+        awake = False
+        try:
+            await lease.announce("waking", level)
+            await self._wake_calls(server, client, level)
+            awake = True
+        finally:
+            if awake:
+                server.sleep_level = 0
+                server.last_used = self.clock()
+            self._set(server, waking=False)
+            await _told(lease, "awake" if awake else "asleep", level)
+        self.cluster.emit("wake", server, f"awake after {self.clock() - started:.1f} s")
+
+    async def observed_level(self, server: Server) -> int | None:
+        """The sleep level the server reports now (None: it tells neither way)."""
+        return await self._observed_level(server, self.client(server))
+
+    def follow(self, server: Server, phase: Phase, level: int) -> bool:
+        """Mirror another replica's sleep or wake of the server, so that this one routes as
+        it does: nothing while it drains or wakes. Left alone while this replica operates on
+        the server itself, and for local instances. True when something changed."""
+        if self.busy(server) or server.lifecycle is not None or server.removed:
+            return False
+        wanted = _FOLLOWED[phase]
+        sleep_level = {"keep": server.sleep_level, "level": level, "awake": 0}[wanted[2]]
+        if (server.sleep_pending, server.waking, server.sleep_level) == (wanted[0], wanted[1], sleep_level):
+            return False
+        server.sleep_level = sleep_level
+        self._set(server, sleep_pending=wanted[0], waking=wanted[1])
+        return True
 
     async def _wake_calls(self, server: Server, client: VllmClient, level: int) -> None:
         timeout = self.timing().wake_timeout
@@ -284,6 +340,31 @@ class Controller:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# phase -> (sleep_pending, waking, sleep level: kept, the phase's, or 0)
+_FOLLOWED: dict[Phase, tuple[bool, bool, str]] = {
+    "draining": (True, False, "keep"),
+    "waking": (False, True, "level"),
+    "asleep": (False, False, "level"),
+    "awake": (False, False, "awake"),
+}
+
+
+async def _told(lease: Lease, phase: Phase, level: int) -> None:
+    """The end of an operation, told to the other replicas. When that fails (Redis away,
+    the lease lost), they find out by themselves: the lease expires and another replica
+    reads the server's state and finishes or undoes the operation."""
+    try:
+        await lease.announce(phase, level)
+    except CommandError as error:
+        log.warning("could not tell the other replicas that the operation ended (%s): %s", phase, error)
+
+
+def _left(server: Server) -> str:
+    if not server.in_flight:
+        return "requests from other replicas"
+    return f"{server.in_flight} request{'' if server.in_flight == 1 else 's'}"
 
 
 def _check_sleepable(server: Server, level: int) -> None:

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from statistics import median
 from typing import Any, Callable, Iterable, Iterator
 
+from mvtui.cluster.fleet_status import FleetStatus
 from mvtui.config.schema import ServerConfig, TimingConfig
 from mvtui.errors import UnknownServer
+from mvtui.routing.breaker import Breaker
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
@@ -141,6 +143,20 @@ class Server:
         self.poll_crashes = 0  # times its poll task failed unexpectedly and was restarted
         self.last_used = clock()
         self.stats = ServerStats()
+        self.breaker = Breaker()  # the router's circuit breaker for it (router/proxy.py)
+        # From /metrics, for the queue: requests the server runs or queues that the router did
+        # not send (other clients), the most it was seen running, and whether it was ever
+        # seen queueing (then that most is its number of slots).
+        self.external = 0.0
+        self.peak_running = 0.0
+        self.saturated = False
+        # With [cluster] redis_url (mvtui/fleet/): the other replicas' requests in flight to it,
+        # fresh within a heartbeat (0 alone or while Redis is away), what they were at the last
+        # scrape, and how many requests of its own this replica may have there until the next
+        # heartbeat (its share of the slots the fleet saw free; None: no such limit).
+        self.remote_in_flight = 0
+        self.remote_at_scrape = 0
+        self.fleet_cap: int | None = None
 
     @property
     def url(self) -> str:
@@ -177,10 +193,49 @@ class Server:
         return self.metrics.waiting
 
     @property
+    def has_metrics(self) -> bool | None:
+        """vLLM's /metrics answer (None until the first scrape): views show "no metrics"
+        instead of zeros when False, and load comes from the router's own counts."""
+        return self.metrics_available
+
+    @property
+    def breaker_state(self) -> str:
+        """`closed`, `open` or `half-open` (one probe request out)."""
+        return self.breaker.state.value
+
+    @property
+    def slot_limit(self) -> int | None:
+        """How many requests it may have at once before new ones wait in the router's queue:
+        its stated capacity; without one, the most it was seen running once it was seen
+        queueing (from /metrics); None (no limit) until then."""
+        if self.config.capacity_set:
+            return self.capacity
+        if self.saturated and self.metrics_available:
+            return max(self.capacity, int(self.peak_running))
+        return None
+
+    @property
+    def total_in_flight(self) -> int:
+        """Requests in flight to it from this replica and every other one of the fleet."""
+        return self.in_flight + self.remote_in_flight
+
+    @property
+    def has_room(self) -> bool:
+        """A new request would start at once: the requests in flight from every replica plus
+        what other clients have there (from /metrics) stay under its slot limit."""
+        limit = self.slot_limit
+        if limit is None:
+            return True
+        outside = max(0.0, self.external - self.remote_at_scrape)  # /metrics counted the fleet's too
+        mine_allowed = self.fleet_cap is None or self.in_flight < self.fleet_cap
+        return mine_allowed and self.total_in_flight + outside < limit
+
+    @property
     def sent_since_scrape(self) -> int:
         if self.metrics_available is False:
-            return self.in_flight  # no scrape will ever count them: what is open is the load
-        return self.sent_total - self.sent_at_scrape
+            return self.total_in_flight  # no scrape will ever count them: what is open is the load
+        # the other replicas' sends since the scrape show as growth of their requests in flight
+        return self.sent_total - self.sent_at_scrape + max(0, self.remote_in_flight - self.remote_at_scrape)
 
     @property
     def is_up(self) -> bool:
@@ -225,11 +280,17 @@ class Server:
     def serves(self, model: str) -> bool:
         return model in self.models
 
-    def scraped(self, metrics: EngineMetrics, sent_before_scrape: int) -> None:
-        """A scrape answered; what was sent before it was issued is now in its numbers."""
+    def scraped(self, metrics: EngineMetrics, sent_before_scrape: int, in_flight_before: int | None = None) -> None:
+        """A scrape answered; what was sent before it was issued is now in its numbers.
+        `in_flight_before`: the router's requests in flight when it was issued."""
         self.metrics = metrics
         self.metrics_available = True
         self.sent_at_scrape = max(self.sent_at_scrape, sent_before_scrape)
+        self.remote_at_scrape = self.remote_in_flight
+        ours = max(self.in_flight, in_flight_before if in_flight_before is not None else self.in_flight)
+        self.external = max(0.0, metrics.running + metrics.waiting - ours)
+        self.peak_running = max(self.peak_running, metrics.running)
+        self.saturated = self.saturated or metrics.waiting >= 1
         self.stats.request_rate.sample(metrics.requests_finished, metrics.scraped_at)
         self.stats.token_rate.sample(metrics.generation_tokens, metrics.scraped_at)
 
@@ -237,6 +298,7 @@ class Server:
         """/metrics answered, with an error: its old numbers are no longer true."""
         self.metrics = EngineMetrics()
         self.metrics_available = False
+        self.external, self.peak_running, self.saturated = 0.0, 0.0, False
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -271,6 +333,26 @@ class RequestRecord:
     retries: int
 
 
+@dataclass
+class QueueStats:
+    """One model's queue in the router (router/queue.py keeps it current; views read it)."""
+
+    depth: int = 0  # requests waiting now
+    oldest_since: float | None = None  # since when (monotonic) the first of them waits
+    admitted: int = 0  # requests that waited, then went to a server
+    full: int = 0  # answered 429: `queue_size` were waiting already
+    timed_out: int = 0  # answered 408: waited `queue_timeout` (or `max_request_time`)
+    wait_total: float = 0.0  # seconds the admitted ones waited, together
+    last_wait: float = 0.0  # seconds the last admitted one waited
+
+    def oldest_wait(self, now: float) -> float:
+        return now - self.oldest_since if self.oldest_since is not None else 0.0
+
+    @property
+    def mean_wait(self) -> float:
+        return self.wait_total / self.admitted if self.admitted else 0.0
+
+
 Listener = Callable[[ClusterEvent], None]
 
 
@@ -286,8 +368,12 @@ class Cluster:
         self.events: deque[ClusterEvent] = deque(maxlen=200)
         # Background parts of mvtui that crashed and are being restarted: part -> what happened.
         self.faults: dict[str, str] = {}
+        # The replicas sharing this cluster through Redis ([cluster] redis_url); None alone.
+        self.fleet: FleetStatus | None = None
         self._listeners: list[Listener] = []
         self.rejected = 0  # requests the router answered itself with an error (401, 404, 413...)
+        # The router's queue of each model that ever had one (router/queue.py); model -> stats.
+        self.queues: dict[str, QueueStats] = {}
 
     def __iter__(self) -> Iterator[Server]:
         return iter(list(self.servers.values()))
@@ -405,7 +491,13 @@ class Cluster:
             errors=sum(server.stats.errors for server in servers) + self.rejected,
             retries=sum(server.stats.retries for server in servers),
             in_flight=sum(server.in_flight for server in servers),
+            queued=sum(stats.depth for stats in self.queues.values()),
         )
+
+    def queue_depth(self, model: str) -> int:
+        """Requests for `model` waiting in the router now."""
+        stats = self.queues.get(model)
+        return stats.depth if stats is not None else 0
 
 
 @dataclass(frozen=True)
@@ -417,3 +509,4 @@ class ClusterSummary:
     errors: int
     retries: int
     in_flight: int
+    queued: int = 0  # requests waiting in the router's queues (every model)

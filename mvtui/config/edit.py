@@ -5,6 +5,8 @@ applies the change, checks the result and writes it back.
 
 Servers may be written as mvllm does (`[servers] servers = [{ url = ... }, ...]`, on one
 line or many) or as an array of tables (`[[servers.servers]]`); both are edited in place.
+`[[instances]]` entries are found by name (as the config names them) or model, and edited
+or appended in place (`set_instance`, for `mvtui assign`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import tomlkit
-from tomlkit.items import AoT, Array, InlineTable, Table, Whitespace
+from tomlkit.items import AoT, Array, Comment, InlineTable, Item, Table, Whitespace
 from tomlkit.toml_document import TOMLDocument
 
 from mvtui.config.schema import ServerConfig, normalize_url
@@ -218,3 +220,118 @@ def _drop_trailing_blank_line(table: Table) -> None:
 
 def _ends_with_blank_line(entries: AoT) -> bool:
     return bool(entries.body) and entries.body[-1].as_string().endswith("\n\n")
+
+
+# --- [[instances]] entries ---------------------------------------------------------------
+
+
+def set_instance(key: str, values: Mapping[str, Any], *, create: bool = False) -> Change:
+    """Set `values` on the entry that `key` names (its name, served name or model), each in
+    its place, new keys after the entry's last one; with `create`, a missing entry is
+    appended (`values` must then hold its `model`)."""
+
+    def change(document: TOMLDocument) -> None:
+        entry = find_instance(document, key)
+        if entry is None and not create:
+            raise ConfigEditError(f"no [[instances]] entry for {key!r} in the config file")
+        if entry is None:
+            _append_instance(document, values)
+            return
+        for name, value in values.items():
+            _set_in_table(entry, name, value)
+
+    return change
+
+
+def find_instance(document: TOMLDocument, key: str) -> Table | None:
+    """The `[[instances]]` table `key` names: by its label (name, else served name, else
+    model) first, then by model; None when none does. Several by model: an error."""
+    entries = _instance_tables(document)
+    for matches in ([entry for entry in entries if _label(entry) == key], [entry for entry in entries if entry.get("model") == key]):
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            names = ", ".join(_label(entry) for entry in matches)
+            raise ConfigEditError(f"{len(matches)} [[instances]] entries serve {key!r} ({names}); name one of them")
+    return None
+
+
+def instance_text(entry: Table) -> str:
+    """The entry as the file writes it, from its `[[instances]]` line to its last key."""
+    body = entry.value.body
+    trailing = "".join(item.as_string() for _, item in body[_last_key_index(body) + 1 :])
+    text = entry.as_string()
+    if trailing and text.endswith(trailing):
+        text = text[: -len(trailing)]
+    return "[[instances]]\n" + text.rstrip("\n") + "\n"
+
+
+def _instance_tables(document: TOMLDocument) -> list[Table]:
+    entries = document.get("instances")
+    if entries is None:
+        return []
+    if not isinstance(entries, AoT):
+        raise ConfigEditError("`instances` in the config file is not written as [[instances]] tables; edit it by hand")
+    return list(entries)
+
+
+def _label(entry: Mapping[str, Any]) -> str:
+    return str(entry.get("name") or entry.get("served_model_name") or entry.get("model") or "")
+
+
+def _last_key_index(body: list[tuple[Any, Item]]) -> int:
+    return max((index for index, (key, _) in enumerate(body) if key is not None), default=-1)
+
+
+def _set_in_table(table: Table, key: str, value: Any) -> None:
+    """`key = value`: in place (its comment kept) when present, else after the last key, so
+    comments and blank lines that introduce what follows stay where they are."""
+    body = table.value.body
+    last = _last_key_index(body)
+    last_key = body[last][0] if last >= 0 else None
+    if key in table or last_key is None:
+        table[key] = value
+    else:
+        table.value._insert_after(last_key, key, value)
+
+
+def _append_instance(document: TOMLDocument, values: Mapping[str, Any]) -> None:
+    if "model" not in values:
+        raise ConfigEditError("a new [[instances]] entry needs its model")
+    table = tomlkit.table()
+    for key, value in values.items():
+        table.add(key, value)
+    entries = document.get("instances")
+    if entries is None:
+        table.trivia.indent = "" if document.as_string().endswith("\n\n") or not document.as_string() else "\n"
+        entries = tomlkit.aot()
+        entries.append(table)
+        document.add("instances", entries)
+        return
+    if not isinstance(entries, AoT):
+        raise ConfigEditError("`instances` in the config file is not written as [[instances]] tables; edit it by hand")
+    if len(entries):
+        for item in _take_trailing_lines(entries[-1]):  # they introduce what follows: they go after the new entry
+            table.add(item)
+    table.trivia.indent = "\n"
+    entries.append(table)
+
+
+def _take_trailing_lines(table: Table) -> list[Comment | Whitespace]:
+    """From the table's first blank line after its last key: the blank lines and comments
+    that separate it from (and introduce) whatever the file has next."""
+    body = table.value.body
+    start = next(
+        (index for index in range(_last_key_index(body) + 1, len(body)) if isinstance(body[index][1], Whitespace)),
+        len(body),
+    )
+    taken = [item for _, item in body[start:] if isinstance(item, (Comment, Whitespace))]
+    if len(taken) == len(body) - start:  # only blank lines and comments, as expected
+        del body[start:]
+        return taken
+    return []
+
+
+def instance_labels(document: TOMLDocument) -> list[str]:
+    """Every entry's name and model, for near-name suggestions."""
+    return [name for entry in _instance_tables(document) for name in (_label(entry), str(entry.get("model") or "")) if name]

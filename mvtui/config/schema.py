@@ -34,6 +34,9 @@ class ServerConfig:
     api_key: str | None = None
     models: tuple[str, ...] = ()
     drain: bool = False
+    # Not a key: True when the entry states max_concurrent_requests. Then the router's queue
+    # holds requests at it; otherwise the server's slots are learned from its /metrics.
+    capacity_set: bool = field(default=False, compare=False, metadata={"derived": True})
 
     @property
     def label(self) -> str:
@@ -55,6 +58,18 @@ class RouterConfig:
     open_endpoints: tuple[str, ...] = ("/health",)
     # upstream 5xx bodies and failure messages naming servers become a generic error
     scrub_upstream_errors: bool = False
+    # requests wait in the router, per model, when every server for it is full (README "The router")
+    queue: bool = True
+    queue_size: int = 1024  # waiting requests per model; one more gets 429
+    queue_timeout: float = 120.0  # seconds a request may wait; then 408
+    # a server that fails this many tries in a row gets no requests for breaker_cooldown
+    # seconds, then one probe; each failed probe doubles the cool-down, up to the max
+    breaker: bool = True
+    breaker_failures: int = 5
+    breaker_cooldown: float = 5.0
+    breaker_max_cooldown: float = 60.0
+    # retries (extra tries on another server) allowed per request over the last 10 s
+    retry_budget: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,8 @@ class LimitsConfig:
     max_body_mb: float = 32.0
     answer_buffer_mb: float = 1.0
     max_connections: int = 4096
+    # the longest a request may spend in the router, queue and upstream together; 0: no limit
+    max_request_time: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,16 @@ class UiConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """`[cluster]`: several mvtui sharing operator state through Redis (README "Running
+    several routers"). Without `redis_url` mvtui works alone."""
+
+    redis_url: str = ""
+    name: str = ""  # this replica's name among the others; empty: hostname:port
+    lease_timeout: float = 10.0  # seconds a sleep or wake lease outlives a replica that died holding it
+
+
+@dataclass(frozen=True)
 class InstanceConfig:
     model: str
     name: str = ""
@@ -116,6 +143,7 @@ class InstanceConfig:
     env: tuple[tuple[str, str], ...] = ()
     command: tuple[str, ...] = ()
     auto_start: bool = True
+    preload: bool = False
     idle_timeout: float = 0.0
     idle_action: str = "sleep1"
     startup_timeout: float = 600.0
@@ -137,6 +165,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     ui: UiConfig = field(default_factory=UiConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     servers: tuple[ServerConfig, ...] = ()
     instances: tuple[InstanceConfig, ...] = ()
 
@@ -273,6 +302,18 @@ def _url(value: Any) -> str | None:
     return None
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(value: Any) -> str | None:
+    """Empty (alone), or redis://, rediss:// or unix:// as the redis package reads them."""
+    if not isinstance(value, str):
+        return f"expected a string such as \"redis://host:6379/0\", got {_describe(value)}"
+    if value and urlsplit(value).scheme not in REDIS_SCHEMES:
+        return f"expected a redis://, rediss:// or unix:// URL, got {redact_url(value)!r}"
+    return None
+
+
 def _devices(value: Any) -> str | None:
     if isinstance(value, str):
         value = [part for part in value.split(",") if part.strip()]
@@ -323,6 +364,14 @@ ROUTER_SCHEMA: dict[str, Check] = {
     "policy": _string(tuple(POLICIES)),
     "open_endpoints": _subset(STATUS_ENDPOINTS),
     "scrub_upstream_errors": _boolean,
+    "queue": _boolean,
+    "queue_size": _number(0, integer=True),
+    "queue_timeout": _number(0, exclusive=True),
+    "breaker": _boolean,
+    "breaker_failures": _number(1, integer=True),
+    "breaker_cooldown": _number(0, exclusive=True),
+    "breaker_max_cooldown": _number(0, exclusive=True),
+    "retry_budget": _number(0),
 }
 LIMITS_SCHEMA: dict[str, Check] = {
     "keepalive_timeout": _number(0, exclusive=True),
@@ -331,6 +380,7 @@ LIMITS_SCHEMA: dict[str, Check] = {
     "max_body_mb": _number(0, exclusive=True),
     "answer_buffer_mb": _number(0),
     "max_connections": _number(1, integer=True),
+    "max_request_time": _number(0),
 }
 TIMING_SCHEMA: dict[str, Check] = {
     "health_check_interval": _number(0, exclusive=True),
@@ -359,6 +409,7 @@ MVLLM_TIMING_KEYS: dict[str, Check] = {
 }
 ADMIN_SCHEMA: dict[str, Check] = {"host": _string(), "port": _port, "token": _string(), "enabled": _boolean}
 UI_SCHEMA: dict[str, Check] = {"theme": _string(), "refresh_per_s": _number(0.2), "keys": _table}
+CLUSTER_SCHEMA: dict[str, Check] = {"redis_url": _redis_url, "name": _string(), "lease_timeout": _number(0.5)}
 SERVER_SCHEMA: dict[str, Check] = {
     "url": _url,
     "max_concurrent_requests": _number(1, integer=True),
@@ -381,12 +432,13 @@ INSTANCE_SCHEMA: dict[str, Check] = {
     "env": _string_table,
     "command": _string_list,
     "auto_start": _boolean,
+    "preload": _boolean,
     "idle_timeout": _number(0),
     "idle_action": _string(IDLE_ACTIONS),
     "startup_timeout": _number(0, exclusive=True),
     "max_concurrent_requests": _number(1, integer=True),
 }
-TOP_LEVEL = ("servers", "config", "router", "limits", "admin", "ui", "instances")
+TOP_LEVEL = ("servers", "config", "router", "limits", "admin", "ui", "cluster", "instances")
 
 
 class _Collector:
@@ -499,6 +551,7 @@ def _build(data: dict[str, Any], collector: _Collector) -> Config:
     timing = collector.table("config", data.get("config", {}), TIMING_SCHEMA, near="[config]", ignored=MVLLM_TIMING_KEYS)
     admin = collector.table("admin", data.get("admin", {}), ADMIN_SCHEMA, near="[admin]")
     ui = collector.table("ui", data.get("ui", {}), UI_SCHEMA, near="[ui]")
+    cluster = collector.table("cluster", data.get("cluster", {}), CLUSTER_SCHEMA, near="[cluster]")
     limits = collector.table("limits", data.get("limits", {}), LIMITS_SCHEMA, near="[limits]")
     if "keys" in ui:
         ui["keys"] = _build_keys(ui["keys"], collector)
@@ -506,6 +559,7 @@ def _build(data: dict[str, Any], collector: _Collector) -> Config:
         router["api_keys"] = tuple(router["api_keys"])
     if "open_endpoints" in router:
         router["open_endpoints"] = tuple(router["open_endpoints"])
+    _check_cooldowns(router, collector)
     servers = _build_servers(data.get("servers", {}), collector)
     instances = _build_instances(data.get("instances", []), collector)
     _check_names(servers, instances, collector)
@@ -515,6 +569,7 @@ def _build(data: dict[str, Any], collector: _Collector) -> Config:
         limits=LimitsConfig(**limits),
         admin=AdminConfig(**admin),
         ui=UiConfig(**ui),
+        cluster=ClusterConfig(**cluster),
         servers=servers,
         instances=instances,
     )
@@ -575,7 +630,19 @@ def _build_server(index: int, entry: Any, collector: _Collector, first_index: di
         collector.add(f"{where}.api_key", message, anchor="api_key", near=near)
         return None
     values["models"] = tuple(values.get("models", ()))
+    values["capacity_set"] = "max_concurrent_requests" in values
     return ServerConfig(**values)
+
+
+def _check_cooldowns(router: dict[str, Any], collector: _Collector) -> None:
+    """`breaker_max_cooldown` caps the doubled cool-downs: it may not be below the first one."""
+    first = router.get("breaker_cooldown", RouterConfig.breaker_cooldown)
+    cap = router.get("breaker_max_cooldown", RouterConfig.breaker_max_cooldown)
+    if cap < first:
+        message = f"must be at least breaker_cooldown ({first:g}), got {cap:g}"
+        collector.add("router.breaker_max_cooldown", message, anchor="breaker_max_cooldown", near="[router]")
+        router.pop("breaker_max_cooldown", None)
+        router.pop("breaker_cooldown", None)
 
 
 def _check_names(servers: tuple[ServerConfig, ...], instances: tuple[InstanceConfig, ...], collector: _Collector) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from mvtui.config.edit import Change
 from mvtui.config.file import digest_of, edit_file, read_state
-from mvtui.config.schema import Config
+from mvtui.config.schema import Config, ServerConfig
 from mvtui.control.overlay import Overlay
 from mvtui.errors import ConfigEditError, ConfigError
 
@@ -135,6 +135,13 @@ class LiveConfig:
         mutate(self.overlay)
         return self._bring_into_force()
 
+    def listed_servers(self) -> tuple[ServerConfig, ...]:
+        """Every server the file lists (and those added live without a file), before the
+        operator's live changes: the servers a shared overlay may speak of."""
+        listed = self.overrides(self._file_config).servers
+        present = {server.url for server in listed}
+        return (*listed, *(server for url, server in self.overlay.added.items() if url not in present))
+
     def _composed(self) -> Config:
         return self.overlay.apply(self.overrides(self._file_config))
 
@@ -160,6 +167,8 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         notes.append("[admin] changed: it takes effect after a restart")
     if old.ui != new.ui:
         notes.append("[ui] changed: it takes effect when the dashboard starts again")
+    if old.cluster != new.cluster:
+        notes.append("[cluster] changed: it takes effect after a restart")
     return notes
 
 

@@ -4,7 +4,8 @@ call these; none of them changes the cluster any other way.
 One rule for every front end: a drain, an undrain, a capacity change or a removal is live
 at once and lasts until mvtui stops (through reloads of the file too); `persist` writes it
 to the config file instead, where it survives a restart. Adding a server writes it to the
-file (live only when there is no file). Sleep and wake act on the server itself.
+file (live only when there is no file). Sleep and wake act on the server itself; start, stop
+and restart on a local instance.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mvtui.config.edit import remove_server as remove_server_entry
 from mvtui.config.entries import EntryError, server_entry
 from mvtui.control.live_config import LiveConfig
 from mvtui.control.overlay import Overlay
+from mvtui.control.shared import LocalOverlay, Mutation, SharedOverlay
 from mvtui.errors import CommandError, ConfigEditError
 from mvtui.instances.manager import InstanceManager
 from mvtui.instances.record import Instance
@@ -42,11 +44,15 @@ class Outcome:
 
 
 class Operator:
-    def __init__(self, cluster: Cluster, live: LiveConfig, sleep_wake: Controller, instances: InstanceManager) -> None:
+    def __init__(
+        self, cluster: Cluster, live: LiveConfig, sleep_wake: Controller, instances: InstanceManager, shared: SharedOverlay | None = None
+    ) -> None:
         self.cluster = cluster
         self.live = live
         self.sleep_wake = sleep_wake
         self.instances = instances
+        # Where live changes go: this process's overlay, or every replica's ([cluster] redis_url).
+        self.shared: SharedOverlay = shared if shared is not None else LocalOverlay(live)
 
     def find(self, key: str) -> Server:
         """The one finder: by name, URL or host:port. UnknownServer lists the others."""
@@ -72,23 +78,29 @@ class Operator:
                 self.cluster.emit("drain" if drained else "undrain", server, what)
             return Outcome(server.name, server.display_url, said)
         self._configured(server)
-        if server.drain != drained:
-            self.cluster.emit("drain" if drained else "undrain", server, what)
+        self.shared.require()
+        was = server.drain
+        live: Mutation = lambda overlay: overlay.set(server.url, "drain", drained)  # noqa: E731
         if persist:
             change = set_server_value(server.url, "drain", True) if drained else unset_server_value(server.url, "drain", False)
-            return await self._save(server, said, change, lambda overlay: overlay.forget(server.url, "drain"))
-        self.live.change(lambda overlay: overlay.set(server.url, "drain", drained))
-        return self._live(server, said)
+            outcome = await self._save(server, said, change, lambda overlay: overlay.forget(server.url, "drain"), live)
+        else:
+            await self.shared.change(live)
+            outcome = self._live(server, said)
+        if was != drained:
+            self.cluster.emit("drain" if drained else "undrain", server, what)
+        return outcome
 
     async def set_capacity(self, key: str, max_concurrent_requests: int, *, persist: bool = False) -> Outcome:
         """How many requests at once the router lets the server have (its weight in routing)."""
         server = self._configured(self.find(key))
         capacity = _capacity(max_concurrent_requests)
         said = f"{server.name}: capacity {server.capacity} -> {capacity}"
+        live: Mutation = lambda overlay: overlay.set(server.url, "max_concurrent_requests", capacity)  # noqa: E731
         if persist:
             change = set_server_value(server.url, "max_concurrent_requests", capacity)
-            return await self._save(server, said, change, lambda overlay: overlay.forget(server.url, "max_concurrent_requests"))
-        self.live.change(lambda overlay: overlay.set(server.url, "max_concurrent_requests", capacity))
+            return await self._save(server, said, change, lambda overlay: overlay.forget(server.url, "max_concurrent_requests"), live)
+        await self.shared.change(live)
         return self._live(server, said)
 
     async def remove_server(self, key: str, *, persist: bool = False) -> Outcome:
@@ -102,9 +114,10 @@ class Operator:
         said = f"removing {server.name}: {waiting}"
         if persist and server.url in self.live.overlay.added:
             persist = False  # it was never in the file
+        live: Mutation = lambda overlay: _remove(overlay, server.url)  # noqa: E731
         if persist:
-            return await self._save(server, said, remove_server_entry(server.url), lambda overlay: overlay.forget(server.url))
-        self.live.change(lambda overlay: _remove(overlay, server.url))
+            return await self._save(server, said, remove_server_entry(server.url), lambda overlay: overlay.forget(server.url), live)
+        await self.shared.change(live)
         return self._live(server, said)
 
     async def save(self, key: str) -> Outcome:
@@ -132,7 +145,7 @@ class Operator:
             raise CommandError(str(error)) from None
         existing = self.cluster.servers.get(config.url)
         if existing is not None and config.url in self.live.overlay.removed:
-            self.live.change(lambda overlay: overlay.removed.discard(config.url))
+            await self.shared.change(lambda overlay: overlay.removed.discard(config.url))
             return self._live(existing, f"{existing.name} is back (it was removed until restart)")
         if existing is not None and not existing.removed:
             raise CommandError(f"{config.display_url} is already in the cluster (as {existing.name})")
@@ -145,12 +158,20 @@ class Operator:
     # --- sleep, wake, local instances ----------------------------------------------------
 
     async def sleep(self, key: str, level: int) -> Server:
-        """Drain (bounded by drain_timeout), then `/sleep?level=N`, then confirm."""
-        return await self.sleep_wake.sleep(self.find(key).url, level)
+        """Drain (bounded by drain_timeout), then `/sleep?level=N`, then confirm. In a fleet:
+        drained on every replica, and only once none has anything in flight there."""
+        return await self.sleep_wake.sleep(self._shared_server(key).url, level)
 
     async def wake(self, key: str) -> Server:
         """`/wake_up` (after a level 2 sleep also reload_weights and reset_prefix_cache)."""
-        return await self.sleep_wake.wake(self.find(key).url)
+        return await self.sleep_wake.wake(self._shared_server(key).url)
+
+    def _shared_server(self, key: str) -> Server:
+        """A server every replica routes to needs the fleet for sleep and wake; a local instance does not."""
+        server = self.find(key)
+        if server.lifecycle is None:
+            self.shared.require()
+        return server
 
     async def start(self, key: str) -> Instance:
         """Start a local instance (or join its start); CommandError carries its log's last lines."""
@@ -159,6 +180,11 @@ class Operator:
     async def stop(self, key: str) -> Instance:
         """Drain a local instance, then SIGTERM its process group (SIGKILL after shutdown_timeout)."""
         return await self.instances.stop(key)
+
+    async def restart(self, key: str) -> Instance:
+        """Stop a local instance as `stop` does, then start it again with its entry's current
+        settings (those changed since its start apply now); CommandError as `start`."""
+        return await self.instances.restart(key)
 
     async def reload(self) -> list[str]:
         """Read the config file now; a broken file is reported, not raised."""
@@ -177,10 +203,19 @@ class Operator:
         until = "until restart" if self.live.path is not None else NO_FILE
         return Outcome(server.name, server.display_url, f"{said} ({until})")
 
-    async def _save(self, server: Server, said: str, change: Change, settle: Any) -> Outcome:
+    async def _save(self, server: Server, said: str, change: Change, settle: Any, live: Mutation | None = None) -> Outcome:
+        """Write the change to the file; `settle` then drops the live change the file now
+        states. In a fleet the live change stays (made on every replica): the other replicas
+        read their own files."""
         if self.live.path is None:
             raise CommandError(f"{said}: cannot be saved, mvtui runs without a config file")
-        return await self._edit(server.name, server.display_url, said, change, settle)
+        if not self.shared.shared:
+            return await self._edit(server.name, server.display_url, said, change, settle)
+        self.shared.require()
+        outcome = await self._edit(server.name, server.display_url, said, change, None)
+        if live is not None:
+            await self.shared.change(live)
+        return outcome
 
     async def _edit(self, name: str, url: str, said: str, change: Change, settle: Any) -> Outcome:
         try:

@@ -42,6 +42,26 @@ class Overlay:
     def changes_for(self, url: str) -> dict[str, Any]:
         return dict(self.values.get(url, {}))
 
+    def copy(self) -> Overlay:
+        return Overlay({url: dict(values) for url, values in self.values.items()}, set(self.removed), dict(self.added))
+
+    def entry(self, url: str) -> dict[str, Any]:
+        """What is live for one server, as the replicas of a fleet share it (no `added`:
+        those stay with the replica that runs without a config file)."""
+        entry = self.changes_for(url)
+        if url in self.removed:
+            entry["removed"] = True
+        return entry
+
+    def urls(self) -> frozenset[str]:
+        return frozenset({*self.values, *self.removed})
+
+    def adopt(self, entries: dict[str, dict[str, Any]]) -> None:
+        """Take the fleet's entries (URL -> `entry`) as the whole of the shared part."""
+        self.values = {url: {name: entry[name] for name in FIELDS if name in entry} for url, entry in entries.items()}
+        self.values = {url: values for url, values in self.values.items() if values}
+        self.removed = {url for url, entry in entries.items() if entry.get("removed") is True}
+
     def apply(self, config: Config) -> Config:
         """The config with the live changes on top."""
         if not (self.values or self.removed or self.added):
@@ -53,4 +73,6 @@ class Overlay:
 
 
 def _changed(server: ServerConfig, values: dict[str, Any] | None) -> ServerConfig:
+    if values and "max_concurrent_requests" in values:
+        values = {**values, "capacity_set": True}  # a capacity set live is stated, like one in the file
     return dataclasses.replace(server, **values) if values else server

@@ -6,7 +6,8 @@ in its own process group (launch.py), and has its own lock: a cold start of one 
 blocks another, and a failed start leaves an "error" state that a later start retries.
 Before a start or a wake the MemoryPlanner makes room on its GPUs; idle instances sleep or
 stop (idle.py). The wiring connects the sleep/wake Controller's hooks to `before_wake` and
-`demand`.
+`demand`. Entries with `preload = true` start when the manager first runs, one after another
+in the background (`preload`), so no request waits on them.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class InstanceManager:
         self._prctl = load_prctl()
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._preload: asyncio.Task[None] | None = None
 
     def __iter__(self) -> Iterator[Instance]:
         return iter(self.registry)
@@ -154,6 +156,33 @@ class InstanceManager:
             instance.start_task.set_name(f"start {instance.label}")
             instance.start_task.add_done_callback(_retrieve)
         return instance.start_task
+
+    async def restart(self, key: str) -> Instance:
+        """Stop (drain, then SIGTERM the group), then start again: settings changed in the
+        config since the last start apply now."""
+        instance = self.find(key)
+        await self.stop(instance.label, reason="restart")
+        return await self.start(instance.label)
+
+    def preload(self) -> None:
+        """Start every `preload = true` entry, once, one after another in the background.
+        Each start takes only its own instance's lock: requests for other models (or for a
+        model still waiting its turn, through `demand`) are never held up by it."""
+        if self._preload is not None:
+            return
+        labels = [instance.label for instance in self if instance.config.preload]
+        self._preload = asyncio.ensure_future(self._preload_in_turn(labels))
+        self._preload.set_name("preload")
+        self._preload.add_done_callback(_retrieve)
+
+    async def _preload_in_turn(self, labels: list[str]) -> None:
+        for label in labels:
+            if self._closing:
+                return
+            try:
+                await self.start(label)
+            except CommandError as error:  # its "error" state (dashboard, ps) says why; go on with the next
+                log.warning("preload of %s failed: %s", label, str(error).splitlines()[0] if str(error) else "")
 
     def demand(self, model: str) -> asyncio.Task[None] | None:
         """The Controller's `on_demand` hook, for a request nobody can serve: a start to wait
@@ -342,6 +371,9 @@ class InstanceManager:
     async def stop_all(self) -> None:
         """mvtui is exiting: cancel starts, stop every process group; nothing outlives us."""
         self._closing = True
+        if self._preload is not None:
+            self._preload.cancel()  # the start it waits on is cancelled below
+            await asyncio.gather(self._preload, return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         starts = [instance.start_task for instance in self if instance.start_task is not None and instance.starting]
         for task in starts:
@@ -359,7 +391,9 @@ class InstanceManager:
     # --- the idle loop and the Controller's hooks ------------------------------------------
 
     async def run(self) -> None:
-        """Idle timeouts: sleep or stop instances nobody has used for idle_timeout."""
+        """Preload (the first time only), then idle timeouts: sleep or stop instances nobody
+        has used for idle_timeout."""
+        self.preload()
         await self.idle.run()
 
     async def before_wake(self, server: Server) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from mvtui.cluster.state import Cluster, Server
+from mvtui.cluster.state import Cluster, QueueStats, Server
 
 
 def server_status(server: Server) -> dict[str, Any]:
@@ -35,7 +36,26 @@ def server_status(server: Server) -> dict[str, Any]:
         "ttft_p50": server.stats.ttft_p50,
         "last_error": server.last_error or None,
         "metrics_available": server.metrics_available,
+        "has_metrics": server.has_metrics,
+        "slot_limit": server.slot_limit,  # null: no limit known (requests are not held for it)
+        "has_room": server.has_room,
+        "breaker_state": server.breaker_state,
+        "breaker_retry_in": round(server.breaker.retry_in(time.monotonic()), 3),
+        "breaker_failures": server.breaker.failures,
         "poll_crashes": server.poll_crashes,
+    }
+
+
+def queue_status(stats: QueueStats, now: float) -> dict[str, Any]:
+    """One model's queue in the router, as /load-stats shows it."""
+    return {
+        "depth": stats.depth,
+        "oldest_wait": round(stats.oldest_wait(now), 3),
+        "admitted": stats.admitted,
+        "mean_wait": round(stats.mean_wait, 4),
+        "last_wait": round(stats.last_wait, 4),
+        "rejected_full": stats.full,
+        "timed_out": stats.timed_out,
     }
 
 
@@ -72,6 +92,8 @@ class StatusEndpoints:
                 "healthy_servers": summary.up,
                 "total_servers": summary.total,
                 "in_flight": summary.in_flight,
+                "queued": summary.queued,
+                "queues": {model: queue_status(stats, time.monotonic()) for model, stats in sorted(self.cluster.queues.items())},
                 "models": self.cluster.models(),
             }
         )

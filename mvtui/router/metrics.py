@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mvtui.cluster.state import Cluster, Server
+from mvtui.routing.breaker import BreakerState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BREAKER_VALUE = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
 
 
 class RouterMetrics:
@@ -30,6 +32,16 @@ class RouterMetrics:
             "mvtui_upstream_errors", "Failed tries on a server (5xx, redirect, timeout, cut, connect...), by server and kind", ["server", "kind"], registry=registry
         )
         self.poll_errors = Counter("mvtui_poll_errors", "Failed health or metrics polls", ["server", "kind"], registry=registry)
+        self.queue_wait = Histogram(
+            "mvtui_queue_wait_seconds",
+            "Time a request waited in the router's queue for a free server (requests that waited)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.retries_denied = Counter(
+            "mvtui_retries_denied", "Retries not made because the retry budget ([router] retry_budget) was spent", registry=registry
+        )
         registry.register(ClusterCollector(cluster))
 
     def count_poll_error(self, server: Server, kind: str) -> None:
@@ -42,14 +54,24 @@ class ClusterCollector(Collector):
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         in_flight = GaugeMetricFamily("mvtui_in_flight_requests", "Requests the router has sent and not seen finish", labels=["server"])
         up = GaugeMetricFamily("mvtui_server_up", "1 when the server is healthy", labels=["server"])
         load = GaugeMetricFamily("mvtui_server_load", "Load score used for routing", labels=["server"])
         routable = GaugeMetricFamily("mvtui_server_routable", "1 when the server may get new requests", labels=["server"])
+        breaker = GaugeMetricFamily("mvtui_server_breaker_state", "Circuit breaker: 0 closed, 1 half-open (a probe out), 2 open", labels=["server"])
+        opened = CounterMetricFamily("mvtui_breaker_opened", "Times the server's circuit breaker opened", labels=["server"])
         for server in self.cluster:
             in_flight.add_metric([server.name], server.in_flight)
             up.add_metric([server.name], 1.0 if server.is_up else 0.0)
             load.add_metric([server.name], server.load)
             routable.add_metric([server.name], 1.0 if server.routable else 0.0)
-        yield from (in_flight, up, load, routable)
+            breaker.add_metric([server.name], BREAKER_VALUE[server.breaker.state])
+            opened.add_metric([server.name], server.breaker.opened)
+        yield from (in_flight, up, load, routable, breaker, opened, self._queues())
+
+    def _queues(self) -> GaugeMetricFamily:
+        depth = GaugeMetricFamily("mvtui_queue_depth", "Requests waiting in the router's queue for a free server", labels=["model"])
+        for model, stats in sorted(self.cluster.queues.items()):
+            depth.add_metric([model], stats.depth)
+        return depth

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,12 +28,15 @@ from aiohttp import web
 from mvtui.cluster.state import Cluster, Health, RequestRecord, Server
 from mvtui.config.schema import Config
 from mvtui.errors import Unavailable
-from mvtui.openai_errors import error_response
+from mvtui.openai_errors import error_response, sse_error_event
+from mvtui.router.breakers import Breakers
 from mvtui.router.headers import authorized
 from mvtui.router.metrics import RouterMetrics
-from mvtui.router.relay import CLIENT_CLOSED, AttemptFailed, Failure, Outcome, Plan, attempt
+from mvtui.router.queue import Admission, QueueFull, QueueTimeout
+from mvtui.router.relay import CLIENT_CLOSED, AttemptFailed, Deadline, Failure, Outcome, Plan, attempt
 from mvtui.router.request_body import MIB, BodyError, read_body
 from mvtui.routing.policies import Chooser
+from mvtui.routing.retry_budget import RetryBudget, backoff
 
 GENERATION_PATHS = (
     "/v1/chat/completions",
@@ -49,8 +53,8 @@ GENERATION_PATHS = (
     "/tokenize",
     "/detokenize",
 )
-RETRY_BACKOFF_S = 0.05
 RETRY_AFTER_S = "2"
+RETRY_AFTER_QUEUE_S = "1"  # after a 429 or 408 from the queue: the openai SDK retries by itself
 NEWCOMER_WAIT_S = 3.0
 ROUTER = "router"  # the server label of answers the router gives itself
 SHOWN_MODEL_CHARS = 64  # of a model name the router did not know, in the request log
@@ -92,6 +96,10 @@ class Proxy:
         self.metrics = metrics
         self.make_available = make_available
         self.closing = False  # set at shutdown: keep-alive clients get 503 instead of new work
+        self.breakers = Breakers(cluster, config)
+        self.admission = Admission(cluster, chooser, config, metrics, self.breakers)
+        self.budget = RetryBudget(config().router.retry_budget)
+        self.rng = random.Random()
 
     def routes(self) -> list[web.RouteDef]:
         forward = [web.post(path, self.handle) for path in GENERATION_PATHS]
@@ -109,7 +117,7 @@ class Proxy:
             # a managed instance's model is served even while it is stopped: it starts on demand
             if server.removed or not (server.is_up or server.lifecycle is not None):
                 continue
-            for card in server.model_cards or [{"id": name, "object": "model", "owned_by": "vllm"} for name in server.models]:
+            for card in _cards(server):
                 cards.setdefault(card["id"], card)
         return web.json_response({"object": "list", "data": list(cards.values())})
 
@@ -120,7 +128,12 @@ class Proxy:
         try:
             self._admit(request)
             body, model, stream = self._read_model(await self._read_body(request, config))
-            return await self._dispatch(request, Plan(model, body, stream, config), started)
+            limit = config.limits.max_request_time
+            deadline = Deadline(asyncio.get_running_loop().time() + limit, limit) if limit else None
+            plan = Plan(model, body, stream, config, deadline)
+            if deadline is None:
+                return await self._dispatch(request, plan, started)
+            return await self._within_deadline(request, plan, started, deadline)
         except ProxyError as error:
             if not error.recorded:
                 self._record_rejection(request, model, error.status, started)
@@ -153,29 +166,61 @@ class Proxy:
             raise ProxyError(400, "`model` must be a string")
         return bytes(body), model, payload.get("stream") is True
 
-    async def _choose(self, model: str, tried: set[str], excluded: set[str]) -> Server:
-        waited_for_newcomers = False
+    # --- choosing a server --------------------------------------------------------------
+
+    async def _acquire(self, plan: Plan, tried: set[str], excluded: set[str], *, retry: bool) -> Server:
+        """A server for the request, its slot taken: at once, or after waiting in the queue."""
+        model, waited_for_newcomers = plan.model, False
         while True:
-            candidates = [server for server in self.cluster.routable(model) if server.url not in excluded]
-            if candidates:
-                fresh = [server for server in candidates if server.url not in tried]
-                return self.chooser.choose(fresh or candidates)  # type: ignore[return-value]
+            routable = self.cluster.routable(model)
+            if routable:
+                return await self._slot(plan, routable, tried, excluded, retry=retry)
+            if not waited_for_newcomers and await self._await_newcomers(model):
+                waited_for_newcomers = True
+                continue
             if not self.cluster.serving(model):
-                if not waited_for_newcomers and await self._await_newcomers():
-                    waited_for_newcomers = True
-                    continue
-                silent = [server.name for server in self.cluster if not server.removed and not server.models]
-                if silent:
-                    by = "some servers" if self.config().router.scrub_upstream_errors else ", ".join(silent)
-                    raise ProxyError(
-                        503,
-                        f"No server that answered serves `{model}`; models not reported yet by {by}",
-                        headers={"Retry-After": RETRY_AFTER_S},
-                    )
-                models = self.cluster.models()
-                raise ProxyError(404, f"The model `{model}` does not exist. Available models: {', '.join(models) or 'none'}", code="model_not_found")
-            if self.make_available is None or not await self._made_available(model):
-                raise ProxyError(503, f"No server can take a request for `{model}` now", headers={"Retry-After": RETRY_AFTER_S})
+                raise self._unknown_model(model)
+            if self.make_available is None:
+                raise self._none_available(model)
+            if plan.config.router.queue:  # a wake or a start: waited for in the model's queue
+                self.admission.demand(model, self._make_available)
+                return await self._wait_in_queue(plan, tried, excluded, retry=retry)
+            if not await self._made_available(model):
+                raise self._none_available(model)
+
+    async def _slot(self, plan: Plan, routable: list[Server], tried: set[str], excluded: set[str], *, retry: bool) -> Server:
+        allowed = self.breakers.allowed(routable, excluded, time.monotonic())
+        if not allowed:
+            raise self._all_breakers_open(plan.model, routable, excluded)
+        queue = plan.config.router.queue
+        if not queue or plan.model not in self.admission.waiting:  # nobody waits ahead of it
+            server = self.admission.take(allowed, tried, retry=retry, roomy_only=queue)
+            if server is not None:
+                return server
+        return await self._wait_in_queue(plan, tried, excluded, retry=retry)
+
+    async def _wait_in_queue(self, plan: Plan, tried: set[str], excluded: set[str], *, retry: bool) -> Server:
+        router, deadline = plan.config.router, plan.deadline
+        timeout = router.queue_timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline.left())
+        retry_after = {"Retry-After": RETRY_AFTER_QUEUE_S}
+        try:
+            return await self.admission.wait(plan.model, excluded, tried, retry=retry, timeout=timeout)
+        except QueueFull:
+            message = f"Too many requests are waiting for `{plan.model}` ([router] queue_size = {router.queue_size}); retry later"
+            raise ProxyError(429, message, code="rate_limit_exceeded", headers=retry_after) from None
+        except QueueTimeout:
+            if deadline is not None and deadline.left() <= 0:
+                raise ProxyError(408, deadline.message(), headers=retry_after) from None
+            message = f"No server for `{plan.model}` was free within [router] queue_timeout ({router.queue_timeout:g} s); retry later"
+            raise ProxyError(408, message, headers=retry_after) from None
+        except Unavailable as error:
+            raise ProxyError(503, str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
+
+    async def _make_available(self, model: str) -> bool:
+        assert self.make_available is not None
+        return await self.make_available(model)
 
     async def _made_available(self, model: str) -> bool:
         """Wake or start a server for `model`; the domain's "unavailable" becomes a 503."""
@@ -185,27 +230,82 @@ class Proxy:
         except Unavailable as error:
             raise ProxyError(503, str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
 
-    def _newcomers(self) -> list[Server]:
-        return [server for server in self.cluster if server.health.state is Health.UNKNOWN and not server.removed and server.lifecycle is None]
+    def _unknown_model(self, model: str) -> ProxyError:
+        silent = [server for server in self.cluster if not server.removed and not server.models]
+        if silent:
+            by = "some servers" if self.config().router.scrub_upstream_errors else ", ".join(_named(server) for server in silent)
+            return ProxyError(
+                503, f"No server that answered serves `{model}`; models not reported yet by {by}", headers={"Retry-After": RETRY_AFTER_S}
+            )
+        models = self.cluster.models()
+        return ProxyError(404, f"The model `{model}` does not exist. Available models: {', '.join(models) or 'none'}", code="model_not_found")
 
-    async def _await_newcomers(self) -> bool:
-        """Servers added a moment ago have not said which models they serve: wait (bounded)
-        for their first health answer before calling a model unknown. True if any were."""
-        if not self._newcomers():
+    def _none_available(self, model: str) -> ProxyError:
+        why = ""
+        if not self.config().router.scrub_upstream_errors:
+            down = [_named(server) for server in self.cluster.serving(model) if server.last_error and not server.is_up]
+            why = f" ({'; '.join(down)})" if down else ""
+        return ProxyError(503, f"No server can take a request for `{model}` now{why}", headers={"Retry-After": RETRY_AFTER_S})
+
+    def _all_breakers_open(self, model: str, routable: list[Server], excluded: set[str]) -> ProxyError:
+        blocked = [server for server in routable if server.url not in excluded]
+        wait = self.breakers.retry_after(blocked, time.monotonic())
+        return ProxyError(
+            503, f"Every server for `{model}` is failing (circuit breaker open); retry in {wait} s", headers={"Retry-After": str(wait)}
+        )
+
+    def _newcomers(self, model: str) -> list[Server]:
+        """Servers added a moment ago, not yet checked, that serve `model` or have not said
+        what they serve."""
+        return [
+            server
+            for server in self.cluster
+            if server.health.state is Health.UNKNOWN
+            and not server.removed
+            and server.lifecycle is None
+            and (not server.models or server.serves(model))
+        ]
+
+    async def _await_newcomers(self, model: str) -> bool:
+        """Servers added a moment ago have not answered their first health check: wait
+        (bounded) for it before calling a model unknown or unavailable. True if any were."""
+        if not self._newcomers(model):
             return False
         deadline = time.monotonic() + NEWCOMER_WAIT_S
-        while self._newcomers() and time.monotonic() < deadline:
+        while self._newcomers(model) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return True
+
+    # --- trying servers ------------------------------------------------------------------
+
+    async def _within_deadline(self, request: web.Request, plan: Plan, started: float, deadline: Deadline) -> web.StreamResponse:
+        """`_dispatch` bounded by `[limits] max_request_time`: 408 while queued, 504 while a
+        server works on it; an answer under way is ended as a failure after bytes would be."""
+        try:
+            async with asyncio.timeout_at(deadline.at) as scope:
+                deadline.scope = scope
+                return await self._dispatch(request, plan, started)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+        response = deadline.response
+        if response is None:
+            error = ProxyError(504 if deadline.tried else 408, deadline.message())
+            error.recorded = deadline.recorded
+            raise error from None
+        await _end_short(request, response, deadline.message())
+        return response
 
     async def _dispatch(self, request: web.Request, plan: Plan, started: float) -> web.StreamResponse:
         tried: set[str] = set()
         excluded: set[str] = set()  # failed this request in a way that asking again would repeat
         retries = plan.config.timing.max_retries
+        self.budget.request(time.monotonic())
         for number in range(retries + 1):
-            server = await self._choose(plan.model, tried, excluded)
+            server = await self._acquire(plan, tried, excluded, retry=number > 0)
             tried.add(server.url)
-            server.request_started()
+            if plan.deadline is not None:
+                plan.deadline.tried = True
             try:
                 response, outcome = await self._attempt(request, server, plan, started, excluded, last=number == retries)
             except ProxyError as error:
@@ -213,22 +313,28 @@ class Proxy:
                 self._record(request, plan.model, server, Outcome(error.status), started, number)
                 raise
             except asyncio.CancelledError:
-                self._record(request, plan.model, server, Outcome(CLIENT_CLOSED), started, number)
+                self.breakers.released(server)
+                expired = plan.deadline is not None and plan.deadline.expired()
+                self._record(request, plan.model, server, Outcome(504 if expired else CLIENT_CLOSED), started, number)
+                if expired:
+                    plan.deadline.recorded = True  # type: ignore[union-attr]
                 raise
             finally:
-                server.request_finished()
+                self.admission.release(server)
             if response is not None:
                 self._record(request, plan.model, server, outcome, started, number)
                 return response
             server.stats.retries += 1
             self.metrics.retries.labels(server.name).inc()
-            await asyncio.sleep(RETRY_BACKOFF_S * (number + 1))
+            self.budget.spend(time.monotonic())
+            await asyncio.sleep(backoff(number, self.rng))
         raise AssertionError("unreachable: the last attempt always answers")
 
     async def _attempt(
         self, request: web.Request, server: Server, plan: Plan, started: float, excluded: set[str], *, last: bool
     ) -> tuple[web.StreamResponse | None, Outcome]:
         """One try on one server; no response means: try another."""
+
         def spare() -> bool:  # asked only when the server answered badly
             return not last and self._may_retry(plan.model, excluded | {server.url})
 
@@ -243,16 +349,30 @@ class Proxy:
             raise ProxyError(failed.status, failed.message) from None
         if outcome.failure is not None:
             self._count_failure(server, outcome.failure)
+        elif outcome.status == CLIENT_CLOSED:
+            self.breakers.released(server)
+        else:
+            self.breakers.succeeded(server)
         return response, outcome
 
     def _may_retry(self, model: str, excluded: set[str]) -> bool:
-        return any(server.url not in excluded for server in self.cluster.routable(model))
+        """Another server may take the request, and the retry budget allows one more."""
+        now = time.monotonic()
+        if not self.breakers.allowed(self.cluster.routable(model), excluded, now):
+            return False
+        self.budget.ratio = self.config().router.retry_budget
+        if self.budget.allows(now):
+            return True
+        self.budget.deny()
+        self.metrics.retries_denied.inc()
+        return False
 
     def _count_failure(self, server: Server, failure: Failure) -> None:
-        """A failed try, against its server: its error count, last error and metrics."""
+        """A failed try, against its server: its error count, last error, metrics, breaker."""
         server.stats.errors += 1
         server.last_error = f"{failure.what}: {failure.detail}" if failure.detail else failure.what
         self.metrics.upstream_errors.labels(server.name, failure.kind).inc()
+        self.breakers.failed(server)
         if failure.health and server.health.failure(server.last_error, at_once=failure.at_once):
             self.cluster.emit("down", server, f"down: {server.last_error}")
 
@@ -277,6 +397,36 @@ class Proxy:
         shown = (model or "-")[:SHOWN_MODEL_CHARS]
         latency = time.perf_counter() - started
         self.cluster.record(RequestRecord(time.time(), request.method, request.path, shown, ROUTER, status, latency, None, None, 0))
+
+
+def _named(server: Server) -> str:
+    return f"{server.name} ({server.last_error})" if server.last_error else server.name
+
+
+def _cards(server: Server) -> list[dict[str, Any]]:
+    """The model cards a server is listed with: its configured `models` when it has them (its
+    own card for each where it has one), else the cards it reported."""
+    if server.config.models:
+        own = {card["id"]: card for card in server.model_cards}
+        return [own.get(name) or _card(name) for name in server.config.models]
+    return server.model_cards or [_card(name) for name in server.models]
+
+
+def _card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "vllm"}
+
+
+async def _end_short(request: web.Request, response: web.StreamResponse, message: str) -> None:
+    """An answer under way whose time ran out: a stream ends with an error event; any other
+    answer is cut (the client sees an incomplete body, never a complete-looking one)."""
+    try:
+        if response.content_type == "text/event-stream":
+            await response.write(sse_error_event(504, message))
+            await response.write_eof()
+        elif request.transport is not None:
+            request.transport.close()
+    except ConnectionResetError:
+        pass
 
 
 def _json_object(body: bytes | bytearray) -> dict[str, Any]:

@@ -41,6 +41,27 @@ TAIL_BYTES = 4096  # the end of a relayed answer kept to find its token count
 UPSTREAM_FAILURES = (aiohttp.ClientPayloadError, *CONNECTION_ERRORS)
 
 
+@dataclass
+class Deadline:
+    """`[limits] max_request_time` for one request: when it ends, and what it ended."""
+
+    at: float  # loop time
+    limit: float
+    scope: asyncio.Timeout | None = None
+    tried: bool = False  # a server was asked
+    recorded: bool = False  # the try it ended is in the request log
+    response: web.StreamResponse | None = None  # the answer under way, once bytes went out
+
+    def left(self) -> float:
+        return self.at - asyncio.get_running_loop().time()
+
+    def expired(self) -> bool:
+        return self.scope is not None and self.scope.expired()
+
+    def message(self) -> str:
+        return f"The request took longer than [limits] max_request_time ({self.limit:g} s)"
+
+
 @dataclass(frozen=True)
 class Plan:
     """One request as the router forwards it, and the config it is served under."""
@@ -49,6 +70,7 @@ class Plan:
     body: bytes
     stream: bool
     config: Config
+    deadline: Deadline | None = None
 
     def message(self, server: Server, failure: Failure) -> str:
         """What the client is told; without server names or details when scrubbing."""
@@ -217,6 +239,8 @@ async def _relay(
         answer = web.Response(status=upstream.status, body=bytes(head), headers=headers)
         return answer, Outcome(upstream.status, tokens=completion_tokens(head))
     response = web.StreamResponse(status=upstream.status, headers=headers)
+    if plan.deadline is not None:
+        plan.deadline.response = response
     return response, await _relay_rest(request, response, upstream, head, timeout)
 
 
@@ -268,6 +292,8 @@ async def _relay_stream(
     request: web.Request, upstream: aiohttp.ClientResponse, server: Server, plan: Plan, started: float
 ) -> tuple[web.StreamResponse, Outcome]:
     response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream.headers))
+    if plan.deadline is not None:
+        plan.deadline.response = response
     outcome = Outcome(upstream.status, tokens=0)
     content = upstream.content
     if not await send(response, request=request):

@@ -69,8 +69,14 @@ def round_robin(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T
     return candidates[turn % len(candidates)]
 
 
+def uniform(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
+    """Any of them, at random: for servers whose load tells nothing."""
+    return candidates[0] if len(candidates) == 1 else rng.choice(candidates)
+
+
 def power_of_two(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
-    """Two at random, the less loaded of them."""
+    """Two at random, the less loaded of them (by `balanced_score`: a server without /metrics
+    is loaded by the router's own requests in flight)."""
     if len(candidates) == 1:
         return candidates[0]
     first, second = rng.sample(list(candidates), 2)
@@ -82,6 +88,7 @@ POLICIES: dict[str, Policy[Any]] = {
     "least_loaded": least_loaded,
     "round_robin": round_robin,
     "power_of_two": power_of_two,
+    "random": uniform,
 }
 
 
@@ -98,9 +105,12 @@ class Chooser:
         self.policy_name = policy
         self.policy = POLICIES[policy]
 
-    def choose(self, candidates: Sequence[T]) -> T | None:
+    def choose(self, candidates: Sequence[T], *, advance: bool = True) -> T | None:
+        """One of `candidates`. A retry passes `advance=False`: it takes no turn from the
+        requests that come after it (round-robin)."""
         if not candidates:
             return None
-        self.turn += 1
+        if advance:
+            self.turn += 1
         chosen: T = self.policy(candidates, self.rng, self.turn)
         return chosen

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -38,6 +39,9 @@ from mvtui.routing.policies import Chooser
 from mvtui.runtime.bind import listening_line
 from mvtui.runtime.startup_errors import router_listen_error
 from mvtui.runtime.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from mvtui.fleet.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,7 @@ class Services:
         self.control: Controller | None = None
         self.instances: InstanceManager | None = None
         self._operator: Operator | None = None
+        self.fleet: Fleet | None = None  # with [cluster] redis_url: this replica's part in the fleet
         self.admin: AdminServer | None = None
         self.reloader: ConfigReloader | None = None
         self._runner: web.AppRunner | None = None
@@ -127,9 +132,12 @@ class Services:
         self.poller.reconcile()
         self.keep_running(self.poller.run, "poller")
         control, instances = self._start_control(session)
-        self._operator = Operator(self.cluster, self.live, control, instances)
+        self.fleet = await self._start_fleet(control)  # the fleet's overlay, read before any traffic
+        self._operator = Operator(self.cluster, self.live, control, instances, self.fleet.overlay if self.fleet else None)
         self.proxy = Proxy(self.cluster, session, lambda: self.config, self.chooser, self.metrics, make_available=control.make_available)
         await self._serve()
+        if self.fleet is not None:
+            self.fleet.begin(*self._replica_identity())
         self.admin = AdminServer(self._operator, self.config.admin, self.paths, session, spawn=self.spawn, router_url=lambda: self.router_url)
         await self.admin.start()
         self.on_stop(self.admin.stop)
@@ -152,6 +160,36 @@ class Services:
         self.on_stop(instances.stop_all)
         self.on_stop(control.close)
         return control, instances
+
+    async def _start_fleet(self, control: Controller) -> Fleet | None:
+        """With [cluster] redis_url: operator state shared with the other replicas through Redis."""
+        settings = self.config.cluster
+        if not settings.redis_url:
+            return None
+        from mvtui.fleet.fleet import Fleet  # the redis package only loads for a fleet
+        from mvtui.fleet.heartbeat import Identity
+
+        name, address = self._replica_identity(self.config.router.port)
+        fleet = Fleet(
+            settings,
+            Identity(name, address),
+            cluster=self.cluster,
+            live=self.live,
+            controller=control,
+            spawn=self.spawn,
+            keep_running=self.keep_running,
+        )
+        control.coordinator = fleet.coordinator
+        self.on_stop(fleet.stop)
+        await fleet.start()
+        return fleet
+
+    def _replica_identity(self, port: int | None = None) -> tuple[str, str]:
+        """This replica's name ([cluster] name, else hostname:port) and its router's address."""
+        port = port if port is not None else self.router_port
+        host = self.config.router.host
+        shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+        return self.config.cluster.name or f"{socket.gethostname()}:{port}", f"{shown}:{port}"
 
     async def _serve(self) -> None:
         assert self.proxy is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from rich.console import RenderableType
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -78,6 +79,8 @@ class DetailsScreen(ModalScreen[None]):
         super().__init__()
         self.server = server
         self.context = context
+        self._events_key: tuple[object, ...] = ()
+        self.events_shown: RenderableType = ""
 
     def compose(self) -> ComposeResult:
         with Vertical(id="details-box", classes="dialog"):
@@ -98,7 +101,7 @@ class DetailsScreen(ModalScreen[None]):
                         yield TextPane(id="details-requests")
                     with Vertical(classes="details-part"):
                         yield Static("errors and events", classes="section")
-                        yield TextPane(id="details-events")
+                        yield Static(id="details-events")
                 yield Static("config in force", classes="section")
                 yield TextPane(id="details-config")
                 yield Static("log", id="log-title", classes="section")
@@ -158,9 +161,12 @@ class DetailsScreen(ModalScreen[None]):
         pane.set_text(panels.requests_table(mine, REQUESTS_SHOWN + 1, max(40, pane.inner_width), palette, server_column=False))
 
     def _show_events(self, palette: Palette) -> None:
-        pane = self.query_one("#details-events", TextPane)
-        events = [event for event in self.context.core.cluster.events if event.server == self.server.name]
-        pane.set_text(panels.server_events(self.server, events, EVENTS_SHOWN, max(30, pane.inner_width), palette))
+        events = tuple(event for event in self.context.core.cluster.events if event.server == self.server.name)[-EVENTS_SHOWN:]
+        key = (self.server.last_error, self.server.is_up, events, palette)
+        if key != self._events_key:
+            self._events_key = key
+            self.events_shown = panels.server_events(self.server, events, palette)
+            self.query_one("#details-events", Static).update(self.events_shown)
 
     def _show_config(self, palette: Palette) -> None:
         instance = self.context.actions.instance(self.server)

@@ -70,6 +70,8 @@ def _wake(server: Server, facts: Facts) -> str:
         return f"{server.name} is {server.state}"
     if server.waking:
         return f"{server.name} is already waking"
+    if not server.is_up:
+        return f"{server.name} is down, not asleep"
     return f"{server.name} is awake"
 
 

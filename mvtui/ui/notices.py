@@ -13,6 +13,7 @@ from typing import Literal
 
 from mvtui.errors import ConfigError
 from mvtui.ui.core import AdminState
+from mvtui.ui.panels import plural
 
 Severity = Literal["information", "warning", "error"]
 
@@ -56,7 +57,7 @@ class Notices:
 
 
 def config_error_message(error: ConfigError) -> str:
-    """The path and every problem, one a line: a notification shows all of it."""
+    """Where, how many problems, and where to read them: the banner under the top line has
+    every one in full (a notification covering it would hide them on a small terminal)."""
     where = str(error.path) if error.path else "the config"
-    problems = "\n".join(f"- {problem}" for problem in error.problems)
-    return f"{where}\n{problems}\nThe last good config stays in force until the file is fixed."
+    return f"{where}: {plural(len(error.problems), 'problem')}, each in full under the top line. The last good config stays in force."

@@ -561,14 +561,14 @@ REQUEST_FIXED_WIDTH = 8 + 2 + 6 + 2 + 8 + 2 + 8 + 2 + 6  # time, status, latency
 def requests_table(records: Sequence[RequestRecord], height: int, width: int, palette: Palette, *, server_column: bool = True) -> Text:
     """The last requests through the router that fit, newest at the bottom. The server column
     is as wide as its longest name where the models leave room, and a name cut to fit keeps
-    the part that tells it from the others (the port of `127.0.0.1:31234`). On a narrow pane
+    the part that tells it from the others in the log (the port of `127.0.0.1:31234`). On a narrow pane
     the TTFT column goes first, and a row never wraps."""
     shown = list(records)[-max(0, height - 1) :] if height > 1 else []
     show_ttft = width - REQUEST_FIXED_WIDTH - 4 >= 20
     flexible = max(12, width - REQUEST_FIXED_WIDTH - 4 + (0 if show_ttft else 10))
     server_width = _server_column_width(shown, flexible) if server_column else 0
     model_width = flexible - server_width - (0 if server_column else 2)
-    names = distinct_labels((record.server for record in shown), server_width)
+    names = distinct_labels({record.server for record in records}, server_width)  # apart from every name in the log
 
     def row(cells: tuple[str, str, str, str, str, str, str], styles: tuple[str, ...]) -> Text:
         time_, model, server, status, latency, ttft, tokens = cells
@@ -653,7 +653,7 @@ def config_error_head(error: ConfigError, palette: Palette, reload_key: str = "r
         ("config file broken: ", f"bold {palette.down}"),
         (where, f"bold {palette.text}"),
         (f" ({plural(len(error.problems), 'problem')}). ", palette.text),
-        (f"The last good config stays in force until the file is fixed; it is read again when saved ({reload_key}: now).", palette.muted),
+        (f"The last good config stays in force until the file is fixed; it is read again when saved, or now with {reload_key}.", palette.muted),
     )
 
 
@@ -680,7 +680,8 @@ def config_entry(config: ServerConfig | InstanceConfig, url: str, palette: Palet
     rows: list[tuple[str, str]] = [("url", _toml(url))]
     for item in fields(config):
         value = getattr(config, item.name)
-        if item.name == "url" or (isinstance(config, InstanceConfig) and item.name != "model" and value == item.default):
+        derived = item.metadata.get("derived", False)  # not a key of the file
+        if derived or item.name == "url" or (isinstance(config, InstanceConfig) and item.name != "model" and value == item.default):
             continue
         rows.append((item.name, _shown_value(item.name, value)))
     width = max(len(key) for key, _ in rows)
@@ -764,13 +765,19 @@ def wrapped(items: Sequence[Text], width: int, gap: int = 2) -> Text:
     return LINES.join(lines)
 
 
-def server_events(server: Server, events: Sequence[ClusterEvent], height: int, width: int, palette: Palette) -> Text:
-    """Its last error, then its last events, newest at the bottom."""
-    lines = []
+def server_events(server: Server, events: Sequence[ClusterEvent], palette: Palette) -> RenderableType:
+    """Its last error, then its events, newest at the bottom, each in full (wrapped)."""
+    if not (server.last_error or events):
+        return Text("no events for it yet", style=palette.muted)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True, style=palette.muted)
+    grid.add_column()
     if server.last_error:
-        lines.append(_error_line(server, width, palette))
-    shown = events_text(events, height, width, palette) if events else Text("no events for it yet", style=palette.muted)
-    return LINES.join([*lines, shown])
+        grid.add_row("last error", Text(server.last_error, style=palette.down if not server.is_up else palette.muted))
+    for event in events:
+        role = _event_role(event.kind)
+        grid.add_row(clock_time(event.at), Text(event.message, style=palette.role(role) if role != "idle" else palette.text))
+    return grid
 
 
 def log_tail(lines: Sequence[str], palette: Palette) -> Text:
