@@ -25,9 +25,10 @@ choices, or a stream ending in `data: [DONE]`); an error when it ends with anoth
 stream carries an SSE `data: {"error": ...}` event; a connection reset (the client's socket
 closed under it) is counted on its own line; a request is LOST when the client timeout
 fires first, whether before the status (no answer at all) or after a 200 (a stream or body
-that went silent without an error event). mvtui's configured timeouts (request_timeout 5 s,
-generation_timeout 15 s, wake_timeout 10 s, 3 retries) bound every answer well inside the
-client timeout, so a lost request is a router bug.
+that went silent without an error event). mvtui's configured bounds (request_timeout 5 s,
+generation_timeout 15 s, wake_timeout 10 s, 3 retries, queue_timeout 20 s: at most about
+55 s together) bound every answer inside the 90 s client timeout, so a lost request is a
+router bug.
 
 The table goes to stdout and benchmarks/results/soak.md (ignored by git), the event log to
 soak-events.log beside it, every process's output to benchmarks/results/soak-logs/
@@ -110,6 +111,7 @@ MVTUI_TIMING = {
     "drain_timeout": 5,
     "shutdown_timeout": 5,
 }
+MVTUI_ROUTER = {"queue_timeout": 20}  # `[router]`: a request waits in the model's queue at most this
 SAMPLE_EVERY_S = 1.0
 ABANDON_SHARE = 0.03  # streams whose client hangs up after the first chunk
 EXAMPLES_PER_CAUSE = 3
@@ -124,6 +126,7 @@ class EventLog:
         self.started = started
         self.lines: list[str] = []
         self.counts: Counter[str] = Counter()
+        self.first: dict[str, float] = {}  # seconds since the soak started, per kind of event
         path.write_text("")
 
     def __call__(self, lane: str, text: str, kind: str | None = None) -> None:
@@ -131,6 +134,7 @@ class EventLog:
         self.lines.append(line)
         if kind:
             self.counts[kind] += 1
+            self.first.setdefault(kind, time.monotonic() - self.started)
         print(line, file=sys.stderr, flush=True)
         with self.path.open("a") as out:
             out.write(line + "\n")
@@ -212,7 +216,11 @@ class Cluster:
             if name in self.in_file
         )
         timing = "\n".join(f"{key} = {value}" for key, value in MVTUI_TIMING.items())
-        text = f"# benchmarks/soak.py rewrites this file while mvtui runs\n[servers]\nservers = [\n{entries}\n]\n\n[config]\n{timing}\n\n[admin]\nport = 0\n"
+        router = "\n".join(f"{key} = {value}" for key, value in MVTUI_ROUTER.items())
+        text = (
+            f"# benchmarks/soak.py rewrites this file while mvtui runs\n[servers]\nservers = [\n{entries}\n]\n\n"
+            f"[config]\n{timing}\n\n[router]\n{router}\n\n[admin]\nport = 0\n"
+        )
         scratch = self.config_path.with_name(f".{self.config_path.name}.{os.getpid()}.tmp")
         scratch.write_text(text)
         os.replace(scratch, self.config_path)
@@ -723,6 +731,11 @@ def lost_count(tally: Tally) -> int:
     return tally.causes[LOST_NO_STATUS] + tally.causes[LOST_AFTER_200]
 
 
+def stalls(events: EventLog) -> str:
+    count = events.counts["health stall"]
+    return f"{count} (the first {events.first['health stall']:.0f} s after the soak started)" if count else "0"
+
+
 def end_state(outcome: Outcome) -> str:
     if not outcome.mvtui_alive:
         return f"DIED during the run (exit {outcome.mvtui_exit})"
@@ -764,7 +777,7 @@ def report(outcome: Outcome, args: argparse.Namespace, command: str, when: str) 
         f"| **lost without an answer** (no status, or a 200 gone silent, before the {args.client_timeout:g} s client timeout) | **{lost_count(tally)}** |",
         f"| mvtui peak RSS | {readings.peak_rss():.0f} MiB (first minute {first_rss:.0f}, last minute {last_rss:.0f}) |",
         f"| mvtui peak open file descriptors | {readings.peak_fds()} (first minute {first_fds}, last minute {last_fds}) |",
-        f"| mvtui's /health unanswered within {HEALTH_TIMEOUT_S:g} s (checks every {WATCH_EVERY_S:g} s) | {faults['health stall']} |",
+        f"| mvtui's /health unanswered within {HEALTH_TIMEOUT_S:g} s (checks every {WATCH_EVERY_S:g} s) | {stalls(outcome.events)} |",
         f"| mvtui tracebacks in its log | {len(outcome.tracebacks)} |",
         f"| mvtui at the end | {end_state(outcome)} |",
     ]
@@ -775,7 +788,10 @@ def report(outcome: Outcome, args: argparse.Namespace, command: str, when: str) 
         "",
         f"- {args.concurrency} clients, closed loop, through `mvtui --no-ui` to 3 `mvtui sim` (--tokens-per-s {args.tokens_per_s:g}, "
         f"--max-num-seqs {args.sim_max_num_seqs}); chat and completions, streamed and not, max_tokens 4-48; client timeout {args.client_timeout:g} s; seed {args.seed}",
-        "- mvtui `[config]`: " + ", ".join(f"{k} {v}" for k, v in MVTUI_TIMING.items()),
+        "- mvtui `[config]`: "
+        + ", ".join(f"{k} {v}" for k, v in MVTUI_TIMING.items())
+        + "; `[router]`: "
+        + ", ".join(f"{k} {v}" for k, v in MVTUI_ROUTER.items()),
         f"- events: {fault_words}",
         "",
         *rows,
@@ -799,7 +815,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Soak: mixed traffic through mvtui while its simulated backends misbehave.")
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of traffic and faults (default 600)")
     parser.add_argument("--concurrency", type=int, default=24, help="clients sending at once")
-    parser.add_argument("--client-timeout", type=float, default=60.0, help="seconds a client waits for its answer")
+    parser.add_argument("--client-timeout", type=float, default=90.0, help="seconds a client waits for its answer")
     parser.add_argument("--tokens-per-s", type=float, default=100.0, help="the simulators' decode speed per sequence")
     parser.add_argument("--sim-max-num-seqs", type=int, default=16)
     parser.add_argument("--seed", type=int, default=14)

@@ -202,7 +202,7 @@ async def shoot_config_error(shooter: Shooter, paths: AppPaths) -> None:
         good = CONFIG.format(first=first.url, second=second.url)
         path.write_text(good, encoding="utf-8")
         app = create_app(core_factory(build_parser().parse_args(["--config", str(path)]), paths), paths, user_themes=False)
-        async with app.run_test(size=SMALL, notifications=True) as pilot:
+        async with app.run_test(size=(100, 30), notifications=True) as pilot:  # the notification below the banner
             await app.settled()
             await wait_for_gpu_reading(app, GpuProbe(DemoNvml()))
             broken = good

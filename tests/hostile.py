@@ -70,6 +70,10 @@ class HostileBackend:
         }
         self.hits: Counter[str] = Counter()
         self.headers: list[dict[str, str]] = []  # of the generation requests, in order
+        # Paths whose requests wait until the test sets the event (a held answer).
+        self.gates: dict[str, threading.Event] = {}
+        self.key: str | None = None  # set: /v1 paths answer 401 without `Bearer KEY`, like vLLM --api-key
+        self.in_flight = 0  # generation requests being answered now
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -85,8 +89,22 @@ class HostileBackend:
         if request.method == "POST":
             self.headers.append(dict(request.headers))
             await request.read()
+        if self.key is not None and request.path.startswith("/v1") and request.headers.get("Authorization") != f"Bearer {self.key}":
+            return web.json_response({"error": {"message": "Unauthorized", "type": "AuthenticationError", "code": 401}}, status=401)
+        self.in_flight += request.method == "POST"
+        try:
+            gate = self.gates.get(request.path)
+            while gate is not None and not gate.is_set():
+                await asyncio.sleep(0.01)
+        finally:
+            self.in_flight -= request.method == "POST"
         answer = self.answers.get(request.path, Answer(404, b'{"detail":"Not Found"}'))
         return web.Response(status=answer.status, body=answer.body, headers={"Content-Type": answer.content_type})
+
+    def hold(self, path: str) -> threading.Event:
+        """Requests to `path` wait until the returned event is set."""
+        gate = self.gates[path] = threading.Event()
+        return gate
 
     async def start(self) -> None:
         app = web.Application()

@@ -93,7 +93,8 @@ class FakeHub:
         repo = self._repo(request)
         self._commit(request, repo)
         files = [
-            {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()} for name, data in sorted(repo.files.items())
+            {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+            for name, data in sorted(repo.files.items())
         ]
         return web.json_response(files)
 

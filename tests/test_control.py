@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from aiohttp import web
 from mvtui.cluster.poller import Poller
 from mvtui.cluster.sleep_wake import Controller
 from mvtui.cluster.state import Cluster
-from mvtui.config.schema import AdminConfig, Config, RouterConfig, ServerConfig, TimingConfig
+from mvtui.config.schema import AdminConfig, Config, LimitsConfig, RouterConfig, ServerConfig, TimingConfig
 from mvtui.errors import CommandError
 from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
@@ -221,6 +222,43 @@ async def test_wake_on_demand_is_bounded_and_never_wakes_a_drained_server(tmp_pa
                 assert response.status == 200
         state = await sim_state(sim)
         assert state["wake_count"] == 1 and state["requests_while_sleeping"] == 0
+
+
+async def test_requests_for_a_waking_model_wait_in_its_queue(tmp_path: Path, procs: list[Proc]) -> None:
+    """The wake on demand waits in the model's queue: counted in its depth, bounded by
+    queue_size (429 beyond) and by max_request_time (408), served once the server is awake."""
+    sim = await sim_process(procs, extra=[*FAST, "--enable-sleep-mode", "--wake-ms-l1", "1500"])
+    servers = (ServerConfig(url=sim.url, name="s0", max_concurrent_requests=8),)
+    config = Config(
+        router=RouterConfig(host="127.0.0.1", port=0, queue_size=3),
+        timing=TIMING,
+        admin=AdminConfig(enabled=False),
+        servers=servers,
+    )
+    paths = AppPaths(tmp_path / "config", tmp_path / "log", tmp_path / "state")
+    async with Services(config, paths=paths, gpu=GpuProbe(nvml=None)) as services:
+        await eventually(lambda: services.cluster.find("s0").is_up)
+        await services.operator.sleep("s0", 1)
+        body = {"model": "m", "messages": CHAT, "max_tokens": 2}
+        async with aiohttp.ClientSession() as session:
+
+            async def status() -> int:
+                async with session.post(services.router_url + "/v1/chat/completions", json=body) as response:
+                    await response.read()
+                    return response.status
+
+            requests = [asyncio.create_task(status()) for _ in range(5)]
+            await eventually(lambda: services.cluster.queue_depth("m") == 3, what="three queued for the wake")
+            assert services.cluster.find("s0").waking
+            assert sorted(await asyncio.gather(*requests)) == [200, 200, 200, 429, 429]
+            assert services.cluster.queue_depth("m") == 0
+            assert services.cluster.queues["m"].full == 2 and services.cluster.queues["m"].admitted == 3
+            await services.operator.sleep("s0", 1)
+            services.live.current = dataclasses.replace(services.config, limits=LimitsConfig(max_request_time=0.3))
+            async with session.post(services.router_url + "/v1/chat/completions", json=body) as response:
+                assert response.status == 408 and "max_request_time" in (await response.json())["error"]["message"]
+        state = await sim_state(sim)
+        assert state["wake_count"] >= 1 and state["requests_while_sleeping"] == 0
 
 
 async def test_drain_under_load_loses_no_request(tmp_path: Path, procs: list[Proc], make_client: Callable[[str], openai.AsyncOpenAI]) -> None:

@@ -113,7 +113,12 @@ def test_an_interrupted_pull_resumes_with_the_files_it_lacks(tmp_path: Path) -> 
     with FakeHub([BIG], stall_after={"model.safetensors": 100_000}).running() as hub:
         env = hub_env(tmp_path, hub.url)
         pull = subprocess.Popen(
-            [sys.executable, "-m", "mvtui", "pull", BIG.repo_id], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-m", "mvtui", "pull", BIG.repo_id],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             small_ones_done = lambda: all((snapshot(tmp_path, BIG) / name).exists() for name in ("config.json", "README.md"))  # noqa: E731
@@ -233,7 +238,10 @@ def test_assign_edits_the_entry_in_place_keeping_comments(cache: Path, tmp_path:
     assert done.returncode == 0, done.stderr
     text = config.read_text()
     assert text.startswith("# my cluster\n[router]\nport = 8888  # the usual\n")
-    assert '# the chat model\nmodel = "acme/tiny-chat"   # pulled last week\nname = "tiny"\ngpu_memory_utilization = 0.4  # leaves room\n' in text
+    assert (
+        '# the chat model\nmodel = "acme/tiny-chat"   # pulled last week\nname = "tiny"\ngpu_memory_utilization = 0.4  # leaves room\n'
+        in text
+    )
     assert text.endswith("\n# the admin API stays on loopback\n[admin]\nport = 0\n")
     (entry,) = parse_config(text).instances
     assert (entry.devices, entry.gpu_memory_utilization, entry.max_model_len, entry.tensor_parallel_size) == ((0, 1), 0.4, 8192, 2)
@@ -250,7 +258,9 @@ def test_assign_adds_an_entry_for_a_cached_model_and_show_prints_it(cache: Path,
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"added [[instances]] {EMBED.repo_id} in {config}\n"
     text = config.read_text()
-    assert text.endswith(f'\n[[instances]]\nmodel = "{EMBED.repo_id}"\ndevices = [1]\npreload = false\n\n# the admin API stays on loopback\n[admin]\nport = 0\n')
+    assert text.endswith(
+        f'\n[[instances]]\nmodel = "{EMBED.repo_id}"\ndevices = [1]\npreload = false\n\n# the admin API stays on loopback\n[admin]\nport = 0\n'
+    )
     shown = mvtui(env, "assign", EMBED.repo_id, "--show")
     assert shown.returncode == 0 and shown.stdout == f'[[instances]]\nmodel = "{EMBED.repo_id}"\ndevices = [1]\npreload = false\n'
     as_json = json.loads(mvtui(env, "assign", EMBED.repo_id, "--json").stdout)
@@ -361,3 +371,25 @@ def test_near_names() -> None:
     assert near_names("llama", known) == ["meta-llama/Llama-3.1-8B-Instruct"]
     assert near_names("demmo", known) == ["demo"]
     assert unknown_model("zzz", ["a", "b"], "here") == "unknown model 'zzz' (here); there are: a, b"
+
+
+# --- the CLI stays light ---------------------------------------------------------------------------
+
+LOADED = """
+import json, sys
+from mvtui.cli import build_parser, main
+listed = build_parser().format_help()
+code = main(["ps"])
+print(json.dumps({"code": code, "listed": listed, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_other_commands_load_neither_huggingface_hub_nor_openai(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XDG_STATE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", LOADED], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["code"] == 3  # no mvtui runs
+    for command in ("models", "pull", "run", "assign", "restart"):
+        assert f"\n    {command} " in found["listed"]
+    heavy = ("huggingface_hub", "openai", "httpx2", "mvtui.models", "mvtui.admin.model_commands")
+    assert [name for name in found["modules"] if name.startswith(heavy)] == []

@@ -20,6 +20,10 @@ class Fake:
     sent_since_scrape: int = 0
     in_flight: int = 0
 
+    @property
+    def total_in_flight(self) -> int:  # a router alone: its own requests are all there are
+        return self.in_flight
+
 
 def test_balanced_score_is_mvllms_formula_plus_fresh_sends() -> None:
     server = Fake("a", running=2, waiting=2, capacity=6, sent_since_scrape=1)

@@ -71,7 +71,9 @@ async def sims(*configs: SimConfig) -> AsyncIterator[list[SimServer]]:
         yield [await stack.enter_async_context(SimServer(config, dev_mode=True)) for config in configs]
 
 
-def core_from_file(path: Path, paths: AppPaths, nvml: FakeNvml | None = None) -> Callable[[], contextlib.AbstractAsyncContextManager[Services]]:
+def core_from_file(
+    path: Path, paths: AppPaths, nvml: FakeNvml | None = None
+) -> Callable[[], contextlib.AbstractAsyncContextManager[Services]]:
     @contextlib.asynccontextmanager
     async def open_core() -> AsyncIterator[Services]:
         async with Services(load_config(path), config_path=path, paths=paths, gpu=GpuProbe(nvml or FakeNvml())) as services:

@@ -41,7 +41,7 @@ enabled = false
 servers = [{ url = "http://127.0.0.1:9", name = "alpha" }]
 """
 BROKEN = GOOD.replace('name = "alpha" }', 'name = "alpha", max_concurrent_requests = "eight" }').replace(
-    'port = 0\n', 'port = 0\npolicy = "fastest"\n'
+    "port = 0\n", 'port = 0\npolicy = "fastest"\n'
 )
 
 
@@ -91,6 +91,10 @@ async def test_a_broken_config_file_is_shown_in_full_until_it_is_fixed(tmp_path:
         title, severity, message = notices(app)[-1]
         assert (title, severity) == ("config file broken", "error")
         assert message == f"{path}: 2 problems, each in full under the top line. The last good config stays in force."
+        assert [title for title, _, _ in notices(app)].count("reload") == 0  # told once, not twice
+        await pilot.press("r")  # the same broken file again
+        await eventually(lambda: notices(app)[-1][0] == "reload", what="the reload's answer")
+        assert notices(app)[-1][1:] == ("warning", "the config file still has 2 problems, each under the top line")
 
         path.write_text(GOOD)
         await pilot.press("r")
@@ -140,7 +144,9 @@ async def test_an_admin_api_that_is_off_is_a_lasting_warning(paths: AppPaths) ->
 
 async def test_an_admin_api_on_another_port_is_an_information(paths: AppPaths) -> None:
     services = frozen_services(paths)
-    services.admin = FrozenAdmin(url="http://127.0.0.1:40123", notice="admin port 8889 is taken; the admin API listens on port 40123 instead")
+    services.admin = FrozenAdmin(
+        url="http://127.0.0.1:40123", notice="admin port 8889 is taken; the admin API listens on port 40123 instead"
+    )
     app = frozen_app(paths, services)
     async with app.run_test(size=(100, 30)):
         await app.settled()
@@ -180,7 +186,12 @@ def test_plurals() -> None:
 def test_no_count_in_the_dashboard_is_written_with_a_fixed_plural() -> None:
     """`f"{n} requests"` is wrong for one: the dashboard's counts go through `plural`."""
     fixed = re.compile(r"\{[a-z_.()\[\] ]+\} (requests|servers|errors|retries|problems|events|instances|processes)\b")
-    found = [f"{path.name}: {line.strip()}" for path in (REPO_ROOT / "mvtui" / "ui").glob("*.py") for line in path.read_text().splitlines() if fixed.search(line)]
+    found = [
+        f"{path.name}: {line.strip()}"
+        for path in (REPO_ROOT / "mvtui" / "ui").glob("*.py")
+        for line in path.read_text().splitlines()
+        if fixed.search(line)
+    ]
     assert found == []
 
 
@@ -204,7 +215,20 @@ async def test_the_request_log_tells_servers_on_one_host_apart(paths: AppPaths) 
     services = frozen_services(paths)
     services.cluster.request_log.clear()
     for index, port in enumerate((31234, 31235, 31236) * 3):
-        services.cluster.record(RequestRecord(1000.0 + index, "POST", "/v1/chat/completions", "meta-llama/Llama-3.1-8B-Instruct", f"127.0.0.1:{port}", 200, 1.0, 0.1, 10, 0))
+        services.cluster.record(
+            RequestRecord(
+                1000.0 + index,
+                "POST",
+                "/v1/chat/completions",
+                "meta-llama/Llama-3.1-8B-Instruct",
+                f"127.0.0.1:{port}",
+                200,
+                1.0,
+                0.1,
+                10,
+                0,
+            )
+        )
     app = frozen_app(paths, services)
     async with app.run_test(size=(80, 30)) as pilot:
         await app.settled()

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from textual.command import CommandList
 
 from mvtui.ui.app import Dashboard, create_app
 from tests.ui_frozen import FakeNvml, FrozenCore, break_config, fill_history, frozen_factory, frozen_services, tmp_paths
@@ -37,6 +38,7 @@ def frozen_app(
         setup(services)
     app = create_app(frozen_factory(services), paths, user_themes=False)
     fill_history(app.history, services)  # ten minutes of numbers for the details screen's plots
+    app.history.period_s = 1e9  # and no sample of the live clock after them: the plots stay put
     return app
 
 
@@ -89,6 +91,11 @@ def test_command_palette(snap_compare) -> None:  # type: ignore[no-untyped-def]
     async def search(pilot) -> None:  # type: ignore[no-untyped-def]
         await settle(pilot)
         await pilot.press("ctrl+p", *"sleep")
-        await pilot.pause(0.5)  # the palette searches in the background
+        for _ in range(200):  # the palette searches in the background
+            found = pilot.app.screen.query(CommandList)
+            if found and found.first().option_count == 3:
+                break
+            await pilot.pause(0.02)
+        await pilot.pause(0.2)
 
     assert snap_compare(frozen_app(), terminal_size=(100, 30), run_before=search)

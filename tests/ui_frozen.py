@@ -40,8 +40,26 @@ FROZEN_EVENTS = (
     ClusterEvent("drain", "medium", "draining, 2 in flight", at=FROZEN_AT + 3),
 )
 FROZEN_SERVERS = {
-    "small": (4, 3, 1, 0.62, 3, [1.0, 1.5, 2.0, 2.2, 1.8, 2.5, 2.8, 3.0, 2.6, 2.4] * 6, [40, 55, 70, 80, 65, 90, 100, 110, 95, 88] * 6, [0.21, 0.18, 0.25]),
-    "medium": (8, 2, 0, 0.31, 2, [3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1] * 6, [200, 180, 150, 120, 90, 60, 50, 30, 20, 10] * 6, [0.09, 0.11]),
+    "small": (
+        4,
+        3,
+        1,
+        0.62,
+        3,
+        [1.0, 1.5, 2.0, 2.2, 1.8, 2.5, 2.8, 3.0, 2.6, 2.4] * 6,
+        [40, 55, 70, 80, 65, 90, 100, 110, 95, 88] * 6,
+        [0.21, 0.18, 0.25],
+    ),
+    "medium": (
+        8,
+        2,
+        0,
+        0.31,
+        2,
+        [3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1] * 6,
+        [200, 180, 150, 120, 90, 60, 50, 30, 20, 10] * 6,
+        [0.09, 0.11],
+    ),
     "big": (16, 0, 0, None, 0, [4.0, 4.2, 4.1, 0.0, 0.0], [600, 640, 610, 0, 0], [0.05]),
     "spare": (16, 0, 0, 0.0, 0, [], [], []),
 }
@@ -104,7 +122,18 @@ def frozen_services(
     for index in range(12):
         server = names[index % 2]
         services.cluster.record(
-            RequestRecord(FROZEN_AT + 10 + index, "POST", "/v1/chat/completions", "llama-3.1-8b", server, 200 if index != 7 else 503, 1.2 + index / 10, 0.1 + index / 100, 40 + index, 0)
+            RequestRecord(
+                FROZEN_AT + 10 + index,
+                "POST",
+                "/v1/chat/completions",
+                "llama-3.1-8b",
+                server,
+                200 if index != 7 else 503,
+                1.2 + index / 10,
+                0.1 + index / 100,
+                40 + index,
+                0,
+            )
         )
     return services
 

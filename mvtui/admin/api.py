@@ -91,6 +91,7 @@ class AdminApi:
                 "log_dir": str(self.paths.log_dir),
                 "instance_logs": str(self.paths.instance_logs),
                 "gpus": await self._gpus(),
+                "fleet": self.cluster.fleet.as_json() if self.cluster.fleet is not None else None,
             }
         )
 
@@ -138,7 +139,10 @@ class AdminApi:
             raise NotFound(str(error)) from None
 
     async def list_servers(self, request: web.Request) -> web.Response:
-        return web.json_response({"servers": [self.server_info(server) for server in self.cluster]})
+        body: dict[str, Any] = {"servers": [self.server_info(server) for server in self.cluster]}
+        if self.cluster.fleet is not None:  # the replicas sharing the cluster ([cluster] redis_url)
+            body["fleet"] = self.cluster.fleet.as_json()
+        return web.json_response(body)
 
     async def get_server(self, request: web.Request) -> web.Response:
         return web.json_response(self.server_info(self._server(request)))
@@ -284,11 +288,10 @@ class AdminApi:
         """Stop, then start with the entry's current settings. `{"wait": false}` (or
         `?wait=0`): 202 once the restart has begun; follow it with GET /instances/{id}."""
         instance = self._instance(request)
-        restart = self.operator.restart(instance.label)
         if await _wait(request):
-            await restart
+            await self.operator.restart(instance.label)
             return web.json_response(self.instance_info(instance))
-        self.spawn(_quietly(restart), f"admin restart {instance.label}")
+        self.spawn(_quietly(self.operator.restart(instance.label)), f"admin restart {instance.label}")
         await asyncio.sleep(0)  # let it begin, so the answer already reads "stopping" or "starting"
         return web.json_response(self.instance_info(instance), status=202)
 

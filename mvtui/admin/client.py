@@ -230,12 +230,35 @@ def _listed(running: list[RunningMvtui], head: str) -> str:
 
 
 def _ps(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:
-    servers = client.call("GET", "/servers")["servers"]
+    answer = client.call("GET", "/servers")
+    servers, fleet = answer["servers"], answer.get("fleet")
     instances = client.call("GET", "/instances")["instances"]
     if args.json:
-        return _print_json({"servers": servers, "instances": instances}, out)
+        return _print_json({"servers": servers, "instances": instances, **({"fleet": fleet} if fleet else {})}, out)
     print(format_ps(servers, instances), file=out)
+    if fleet:
+        print("\n" + format_fleet(fleet), file=out)
     return 0
+
+
+def format_fleet(fleet: dict[str, Any]) -> str:
+    """The replicas sharing the cluster through Redis ([cluster] redis_url), this one marked *."""
+    if fleet["connected"]:
+        head = f"fleet: {len(fleet['replicas'])} replicas sharing {fleet['redis']}"
+    else:
+        head = f"fleet: Redis {fleet['redis']} unreachable ({fleet['problem']}): degraded, routing on the last known overlay"
+    rows = [
+        [
+            replica["name"] + ("*" if replica["me"] else ""),
+            replica["address"],
+            f"{replica['requests_per_s']:.1f}",
+            str(replica["in_flight"]),
+            str(replica["queued"]),
+            f"{replica['heartbeat_age_s']:.1f}s",
+        ]
+        for replica in fleet["replicas"]
+    ]
+    return head + "\n" + table(["REPLICA", "ADDRESS", "REQ/S", "IN-FLIGHT", "QUEUED", "HEARTBEAT"], rows)
 
 
 def format_ps(servers: list[dict[str, Any]], instances: list[dict[str, Any]]) -> str:
@@ -250,7 +273,7 @@ def format_ps(servers: list[dict[str, Any]], instances: list[dict[str, Any]]) ->
                 server["name"],
                 server["state"],
                 ",".join(server["models"]) or "-",
-                str(server["in_flight"]),
+                _in_flight(server),
                 f"{server['load']:.2f}",
                 "local" if instance else "remote",
                 str(instance["pid"]) if instance and instance["pid"] else "-",
@@ -262,6 +285,12 @@ def format_ps(servers: list[dict[str, Any]], instances: list[dict[str, Any]]) ->
         if instance.get("error"):
             lines.append(f"\n{instance['name']}: {instance['error']}")
     return "\n".join(lines)
+
+
+def _in_flight(server: dict[str, Any]) -> str:
+    """This mvtui's requests in flight; in a fleet, `own/all replicas'`."""
+    total = server.get("total_in_flight", server["in_flight"])
+    return str(server["in_flight"]) if total == server["in_flight"] else f"{server['in_flight']}/{total}"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

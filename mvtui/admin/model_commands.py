@@ -135,6 +135,9 @@ def run_model_command(args: argparse.Namespace, paths: AppPaths, out: TextIO = s
     except NotRunning as error:
         print(f"mvtui {args.command}: {error}", file=err)
         return EXIT_NOT_RUNNING
+    except KeyboardInterrupt:
+        print(f"\nmvtui {args.command}: interrupted", file=err)
+        return EXIT_INTERRUPTED
     except Exception as error:
         if not for_the_operator(error):
             raise
@@ -143,13 +146,10 @@ def run_model_command(args: argparse.Namespace, paths: AppPaths, out: TextIO = s
 
 
 def for_the_operator(error: Exception) -> bool:
-    """An error whose message is meant for people. mvtui.errors (which loads aiohttp) and
-    the pull module are consulted only when loaded: an error of theirs means they are."""
-    kinds: tuple[type[Exception], ...] = (CommandFailed, AdminFailure)
-    errors, pull = sys.modules.get("mvtui.errors"), sys.modules.get("mvtui.models.pull")
-    kinds += (errors.MvtuiError,) if errors else ()
-    kinds += (pull.PullError,) if pull else ()
-    return isinstance(error, kinds)
+    """An error whose message is meant for people. mvtui.errors (which loads aiohttp) is
+    consulted only when loaded: an error of its own means it is."""
+    errors = sys.modules.get("mvtui.errors")
+    return isinstance(error, (CommandFailed, AdminFailure, *((errors.MvtuiError,) if errors else ())))
 
 
 def _running(args: argparse.Namespace, paths: AppPaths) -> RunningMvtui:

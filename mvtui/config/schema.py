@@ -308,7 +308,7 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 def _redis_url(value: Any) -> str | None:
     """Empty (alone), or redis://, rediss:// or unix:// as the redis package reads them."""
     if not isinstance(value, str):
-        return f"expected a string such as \"redis://host:6379/0\", got {_describe(value)}"
+        return f"expected a string such as 'redis://host:6379/0', got {_describe(value)}"
     if value and urlsplit(value).scheme not in REDIS_SCHEMES:
         return f"expected a redis://, rediss:// or unix:// URL, got {redact_url(value)!r}"
     return None

@@ -8,7 +8,8 @@ such a change is refused (`FleetUnavailable`) and nothing changes anywhere.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from mvtui.control.live_config import LiveConfig
 from mvtui.control.overlay import Overlay

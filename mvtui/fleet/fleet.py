@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from mvtui.cluster.fleet_status import FleetStatus
 from mvtui.cluster.sleep_wake import Controller
@@ -96,7 +96,10 @@ class Fleet:
         await self.link.client.set(keys.EPOCH, uuid.uuid4().hex, nx=True)
         epoch = str(await self.link.client.get(keys.EPOCH))
         if self.epoch is not None and epoch != self.epoch:
-            log.warning("fleet: Redis at %s lost its data (restarted without persistence?); giving it back this replica's last known state", self.link.shown)
+            log.warning(
+                "fleet: Redis at %s lost its data (restarted without persistence?); giving it back this replica's last known state",
+                self.link.shown,
+            )
             self.follower.forget_versions()
             await self.follower.reseed()
         self.epoch = epoch

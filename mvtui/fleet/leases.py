@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from mvtui.cluster.coordination import Lease, LocalLease, Operation, Phase
 from mvtui.cluster.state import Server
@@ -49,7 +50,9 @@ class RedisLease:
     async def announce(self, phase: Phase, level: int) -> None:
         entry = "" if phase == "awake" else PowerEntry(phase, level, self.token, self.holder).dumps()
         script = self.link.script(keys.FENCED_WRITE)
-        version = await self._call(lambda: script(keys=[self.key, keys.POWER, keys.VERSION], args=[self.value, self.server, entry, keys.CHANNEL]))
+        version = await self._call(
+            lambda: script(keys=[self.key, keys.POWER, keys.VERSION], args=[self.value, self.server, entry, keys.CHANNEL])
+        )
         if version == 0:
             self._lose(f"telling the other replicas '{phase}'")
         if version:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from mvtui.config.schema import redact_url
@@ -81,7 +81,11 @@ class Link:
         self.connected = False
         self.since = time.time()
         self.up.clear()
-        log.warning("fleet: Redis at %s is unreachable (%s); routing on the last known overlay and this replica's own counts", self.shown, self.problem)
+        log.warning(
+            "fleet: Redis at %s is unreachable (%s); routing on the last known overlay and this replica's own counts",
+            self.shown,
+            self.problem,
+        )
         self._on_change(False, self.problem)
 
     async def connect(self, on_up: Callable[[], Awaitable[None]]) -> bool:

@@ -50,5 +50,7 @@ class RedisOverlay:
                 answers = await pipe.execute()
         except REDIS_ERRORS as error:
             self.link.lost(error)
-            raise FleetUnavailable(f"the fleet's Redis ({self.link.shown}) failed during the change ({self.link.problem}); it is not in force here") from None
+            raise FleetUnavailable(
+                f"the fleet's Redis ({self.link.shown}) failed during the change ({self.link.problem}); it is not in force here"
+            ) from None
         self.wrote(int(answers[-2]))

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from mvtui.cluster.sleep_wake import Controller
 from mvtui.cluster.state import Cluster, Server
@@ -120,7 +121,7 @@ class Follower:
             return
         leases = await self.link.client.mget([keys.lease_key(shown) for shown in waiting])
         servers = self._servers()
-        for shown, lease in zip(waiting, leases):
+        for shown, lease in zip(waiting, leases, strict=True):
             if lease is None and shown in servers:
                 self._recovering.add(shown)
                 self.spawn(self._recover(servers[shown], self.power[shown]), f"fleet recovery {shown}")

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mvtui.errors import CommandError
 from mvtui.models.kinds import model_kind
 
 if TYPE_CHECKING:
@@ -95,6 +96,8 @@ def scan_models(folder: Path | None = None) -> CacheListing:
         info = scan_cache_dir(folder)
     except CacheNotFound:
         return CacheListing(folder, (), exists=False)
+    except ValueError as error:  # the cache path is a file
+        raise CommandError(f"cannot read the Hugging Face cache: {error}") from None
     models = sorted((_model(repo) for repo in info.repos if repo.repo_type == "model"), key=lambda model: model.repo_id.lower())
     return CacheListing(
         folder=folder,

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mvtui.errors import CommandError
+
 DEFAULT_REVISION = "main"
-
-
-class PullError(Exception):
-    """A pull that did not complete; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +53,9 @@ def hub_offline() -> bool:
 
 
 def pull(repo_id: str, revision: str | None = None) -> Pulled:
-    """Download what the cache lacks of `repo_id` at `revision`; PullError says why not."""
+    """Download what the cache lacks of `repo_id` at `revision`; CommandError says why not."""
     if hub_offline():
-        raise PullError(
+        raise CommandError(
             f"HF_HUB_OFFLINE is set, so nothing is downloaded from {hub_endpoint()}: unset it (or set HF_HUB_OFFLINE=0) "
             f"to pull {repo_id}; `mvtui models` lists what the cache already has"
         )
@@ -66,7 +64,7 @@ def pull(repo_id: str, revision: str | None = None) -> Pulled:
     try:
         folder = Path(snapshot_download(repo_id, revision=revision))
     except Exception as error:  # every failure of the hub client becomes one message for the operator
-        raise PullError(explain(error, repo_id, revision or DEFAULT_REVISION)) from error
+        raise CommandError(explain(error, repo_id, revision or DEFAULT_REVISION)) from error
     return _summary(repo_id, revision or DEFAULT_REVISION, folder)
 
 

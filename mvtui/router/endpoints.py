@@ -26,6 +26,8 @@ def server_status(server: Server) -> dict[str, Any]:
         "max_concurrent_requests": server.capacity,
         "load": round(server.load, 4),
         "in_flight": server.in_flight,
+        "remote_in_flight": server.remote_in_flight,  # the other replicas' of a fleet ([cluster])
+        "total_in_flight": server.total_in_flight,
         "sent_since_scrape": server.sent_since_scrape,
         "kv_cache_usage": server.metrics.kv_cache_usage,
         "draining": server.drain,
@@ -74,29 +76,33 @@ class StatusEndpoints:
     async def health(self, request: web.Request) -> web.Response:
         servers = [server_status(server) for server in self.cluster]
         healthy = sum(server["healthy"] for server in servers)
+        degraded = self.cluster.fleet is not None and self.cluster.fleet.degraded  # Redis away: still serving
         body = {
-            "status": "healthy" if healthy else "unhealthy",
+            "status": ("degraded" if degraded else "healthy") if healthy else "unhealthy",
             "healthy_servers": healthy,
             "total_servers": len(servers),
             "servers": servers,
         }
         if self.cluster.faults:  # parts of mvtui that crashed and are restarting
             body["faults"] = dict(self.cluster.faults)
+        if self.cluster.fleet is not None:
+            body["fleet"] = self.cluster.fleet.as_json()
         return web.json_response(body, status=200 if healthy else 503)
 
     async def load_stats(self, request: web.Request) -> web.Response:
         summary = self.cluster.summary()
-        return web.json_response(
-            {
-                "servers": [server_status(server) for server in self.cluster],
-                "healthy_servers": summary.up,
-                "total_servers": summary.total,
-                "in_flight": summary.in_flight,
-                "queued": summary.queued,
-                "queues": {model: queue_status(stats, time.monotonic()) for model, stats in sorted(self.cluster.queues.items())},
-                "models": self.cluster.models(),
-            }
-        )
+        body = {
+            "servers": [server_status(server) for server in self.cluster],
+            "healthy_servers": summary.up,
+            "total_servers": summary.total,
+            "in_flight": summary.in_flight,
+            "queued": summary.queued,
+            "queues": {model: queue_status(stats, time.monotonic()) for model, stats in sorted(self.cluster.queues.items())},
+            "models": self.cluster.models(),
+        }
+        if self.cluster.fleet is not None:  # the replicas sharing the cluster ([cluster] redis_url)
+            body["fleet"] = self.cluster.fleet.as_json()
+        return web.json_response(body)
 
     async def metrics(self, request: web.Request) -> web.Response:
         response = web.Response(body=generate_latest(self.registry))

@@ -183,7 +183,7 @@ class Proxy:
             if self.make_available is None:
                 raise self._none_available(model)
             if plan.config.router.queue:  # a wake or a start: waited for in the model's queue
-                self.admission.demand(model, self._make_available)
+                self.admission.demand(model, self._make_available, self._unavailable)
                 return await self._wait_in_queue(plan, tried, excluded, retry=retry)
             if not await self._made_available(model):
                 raise self._none_available(model)
@@ -241,11 +241,16 @@ class Proxy:
         return ProxyError(404, f"The model `{model}` does not exist. Available models: {', '.join(models) or 'none'}", code="model_not_found")
 
     def _none_available(self, model: str) -> ProxyError:
+        error = self._unavailable(model)
+        return ProxyError(503, str(error), headers={"Retry-After": str(error.retry_after_s)})
+
+    def _unavailable(self, model: str) -> Unavailable:
+        """No server for `model` can take a request, and why (unless scrubbing)."""
         why = ""
         if not self.config().router.scrub_upstream_errors:
             down = [_named(server) for server in self.cluster.serving(model) if server.last_error and not server.is_up]
             why = f" ({'; '.join(down)})" if down else ""
-        return ProxyError(503, f"No server can take a request for `{model}` now{why}", headers={"Retry-After": RETRY_AFTER_S})
+        return Unavailable(f"No server can take a request for `{model}` now{why}", int(RETRY_AFTER_S))
 
     def _all_breakers_open(self, model: str, routable: list[Server], excluded: set[str]) -> ProxyError:
         blocked = [server for server in routable if server.url not in excluded]

@@ -29,10 +29,11 @@ from mvtui.router.metrics import RouterMetrics
 from mvtui.routing.policies import Chooser
 
 TICK_S = 0.05
-RETRY_AFTER_WAKE_S = 5
 
 # Makes a server for the model available (wakes or starts one): True when one is routable.
 MakeAvailable = Callable[[str], Awaitable[bool]]
+# Why no server can take a request for the model, when there was nothing to wake or start.
+Explain = Callable[[str], Unavailable]
 
 
 class QueueFull(Exception):
@@ -180,18 +181,19 @@ class Admission:
 
     # --- waking or starting a server for the queue ----------------------------------------
 
-    def demand(self, model: str, make_available: MakeAvailable) -> None:
+    def demand(self, model: str, make_available: MakeAvailable, explain: Explain) -> None:
         """One wake or start per model, shared by every request queued for it; when it fails,
-        every request still waiting for the model gets its reason."""
+        every request still waiting for the model gets its reason (`explain` when there was
+        nothing to wake or start)."""
         task = self.demands.get(model)
         if task is not None and not task.done():
             return
         task = asyncio.ensure_future(make_available(model))
         task.set_name(f"make {model} available")
-        task.add_done_callback(lambda done: self._demand_done(model, done))
+        task.add_done_callback(lambda done: self._demand_done(model, done, explain))
         self.demands[model] = task
 
-    def _demand_done(self, model: str, task: asyncio.Task[bool]) -> None:
+    def _demand_done(self, model: str, task: asyncio.Task[bool], explain: Explain) -> None:
         if self.demands.get(model) is task:
             del self.demands[model]
         if task.cancelled():
@@ -202,9 +204,7 @@ class Admission:
             return
         if self.cluster.routable(model):
             return  # another server came meanwhile: the queue goes on
-        if not isinstance(error, Unavailable):
-            error = Unavailable(f"No server can take a request for `{model}` now", RETRY_AFTER_WAKE_S)
-        self._fail_all(model, error)
+        self._fail_all(model, error if isinstance(error, Unavailable) else explain(model))
 
     def _fail_all(self, model: str, error: Unavailable) -> None:
         for waiter in self.waiting.pop(model, deque()):

@@ -23,7 +23,7 @@ class Loaded(Protocol):
     @property
     def sent_since_scrape(self) -> int: ...
     @property
-    def in_flight(self) -> int: ...
+    def total_in_flight(self) -> int: ...  # the router's own requests in flight, plus its fleet's
 
 
 T = TypeVar("T", bound=Loaded)
@@ -37,7 +37,7 @@ def balanced_score(server: Loaded) -> float:
 
 
 def in_flight_score(server: Loaded) -> float:
-    return server.in_flight / server.capacity
+    return server.total_in_flight / server.capacity
 
 
 def _rank(score: float) -> float:
@@ -61,7 +61,8 @@ def balanced(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
 
 
 def least_loaded(candidates: Sequence[T], rng: random.Random, turn: int = 0) -> T:
-    """The fewest of the router's own requests in flight per unit of capacity."""
+    """The fewest of the router's own requests in flight per unit of capacity (with a fleet's
+    other replicas' requests added)."""
     return _lowest([(in_flight_score(candidate), candidate) for candidate in candidates], rng)
 
 

@@ -33,13 +33,12 @@ from mvtui.config.starter import example_file
 from mvtui.errors import CommandError
 from mvtui.gpu import Gpu, GpuSampler
 from mvtui.paths import AppPaths
-from mvtui.ui import key_reasons, panels, themes
+from mvtui.ui import key_reasons, notices, panels, themes
 from mvtui.ui.actions import CoreActions
 from mvtui.ui.commands import DashboardCommands, PaletteCommand, server_commands
 from mvtui.ui.core import Core, CoreFactory
 from mvtui.ui.details import DetailsContext, DetailsScreen
 from mvtui.ui.history import MetricsHistory
-from mvtui.ui.notices import Notices
 from mvtui.ui.screens import AddServerScreen, ConfirmScreen, HelpScreen, InstanceLogScreen, SleepScreen, help_text
 from mvtui.ui.widgets import Banner, ClusterBar, EventsPane, GpuPane, KeyBar, RequestsPane, ServerPane
 
@@ -124,7 +123,7 @@ class Dashboard(App[None]):
         self.keys = keymap.resolve({})  # every action's keys, with the user's [ui.keys]
         self._user_keys: keymap.UserKeys = ()
         self.history = MetricsHistory()  # each server's numbers, for the details screen's plots
-        self._notices = Notices()
+        self._notices = notices.Notices()
         self._terminal_fds: list[int] = []  # the terminal's, sent to /dev/null on SIGHUP
 
     # --- layout -------------------------------------------------------------------------
@@ -149,7 +148,11 @@ class Dashboard(App[None]):
         self._bar, self._grid, self._gpu_pane = self.query_one(ClusterBar), self.query_one("#servers", Grid), self.query_one(GpuPane)
         # held, not queried later: a modal screen may be on top then
         self._empty_hint, self._filter_field = self.query_one("#no-servers", Static), self.query_one("#filter", Input)
-        self._events_pane, self._requests_pane, self._keys = self.query_one(EventsPane), self.query_one(RequestsPane), self.query_one(KeyBar)
+        self._events_pane, self._requests_pane, self._keys = (
+            self.query_one(EventsPane),
+            self.query_one(RequestsPane),
+            self.query_one(KeyBar),
+        )
         self._banner = self.query_one(Banner)
         self._ui_up = True
         await self._load_themes()
@@ -540,7 +543,23 @@ class Dashboard(App[None]):
     def action_reload(self) -> None:
         actions = self.core_actions
         if actions is not None:
-            self.run_worker(self._run_command("reload", actions.reload), group="commands")
+            self.run_worker(self._reload(actions), group="commands")
+
+    async def _reload(self, actions: CoreActions) -> None:
+        """Read the config file now. A broken file is announced once, by the banner's own
+        notification; reading the same broken file again says it is still broken."""
+        before = str(actions.core.config_error)
+        try:
+            notes = await actions.reload()
+        except CommandError as failure:
+            self.notify(escape(str(failure)), title="reload", severity="error")
+            return
+        broken = actions.core.config_error
+        if broken is None:
+            self.notify(escape(notes), title="reload")
+        elif str(broken) == before:
+            self.notify(escape(notices.still_broken(broken)), title="reload", severity="warning")
+        self.tick()
 
     # --- the mouse and the command palette -------------------------------------------------
 
@@ -568,7 +587,9 @@ class Dashboard(App[None]):
         reload_state = self.check_action("reload", ())
         commands = [
             PaletteCommand("reload the config file", "read it now", lambda: self.run_action("reload"), ready=bool(reload_state)),
-            PaletteCommand("add a server", "asks its URL and capacity", lambda: self.run_action("add_server"), ready=self.core_actions is not None),
+            PaletteCommand(
+                "add a server", "asks its URL and capacity", lambda: self.run_action("add_server"), ready=self.core_actions is not None
+            ),
             PaletteCommand("requests: show or hide the request log", "beside the events when wide", self.action_toggle_requests),
             PaletteCommand("filter servers", "by name, URL, model or state", self.action_filter),
             PaletteCommand("theme: next", "the choice is remembered", self.action_cycle_theme),
@@ -577,7 +598,9 @@ class Dashboard(App[None]):
             PaletteCommand("quit", "stop taking requests, let those in flight finish", self.action_quit),
         ]
         if not reload_state:
-            commands[0] = PaletteCommand(commands[0].text, f"not now: {key_reasons.why_greyed('reload', None, self._facts())}", commands[0].run, ready=False)
+            commands[0] = PaletteCommand(
+                commands[0].text, f"not now: {key_reasons.why_greyed('reload', None, self._facts())}", commands[0].run, ready=False
+            )
         return commands
 
     def _theme_setter(self, name: str) -> Callable[[], Awaitable[None]]:

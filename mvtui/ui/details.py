@@ -49,7 +49,7 @@ METRICS = (
     Metric("running", "running", panels.count),
     Metric("waiting", "waiting", panels.count),
     Metric("KV cache", "kv_percent", lambda value: f"{value:.0f}%"),
-    Metric("TTFT p50", "ttft_ms", lambda value: panels.duration(value / 1000) if value else "–"),
+    Metric("TTFT p50", "ttft_ms", lambda value: panels.duration(value / 1000)),
     Metric("tok/s", "tokens_per_s", panels.rate),
 )
 
@@ -215,5 +215,6 @@ def metric_value(values: Sequence[float], shown: Callable[[float], str], palette
     """`now` and the plot's range: a sparkline is scaled from its lowest to its highest value."""
     if not values:
         return Text("–", style=palette.muted)
-    return Text.assemble((f"{shown(values[-1]):>7}", f"bold {palette.text}"), (f"  {shown(min(values))}–{shown(max(values))}", palette.muted), no_wrap=True)
-
+    return Text.assemble(
+        (f"{shown(values[-1]):>7}", f"bold {palette.text}"), (f"  {shown(min(values))}–{shown(max(values))}", palette.muted), no_wrap=True
+    )

@@ -75,6 +75,7 @@ class MetricsHistory:
 
     def record(self, url: str, sample: Sample) -> None:
         self._series.setdefault(url, deque(maxlen=self.length)).append(sample)
+        self._last = max(self._last, sample.at)
 
     def samples(self, url: str) -> list[Sample]:
         return list(self._series.get(url, ()))

@@ -61,3 +61,7 @@ def config_error_message(error: ConfigError) -> str:
     every one in full (a notification covering it would hide them on a small terminal)."""
     where = str(error.path) if error.path else "the config"
     return f"{where}: {plural(len(error.problems), 'problem')}, each in full under the top line. The last good config stays in force."
+
+
+def still_broken(error: ConfigError) -> str:
+    return f"the config file still has {plural(len(error.problems), 'problem')}, each under the top line"

@@ -427,10 +427,26 @@ def _detailed_body(server: Server, width: int, palette: Palette) -> Text:
         ),
         (
             "KV cache",
-            Text.assemble(bar(server.metrics.kv_cache_usage, gauge, palette), (f" {_kv_percent(server):>7}", palette.text), "  ", _load_text(server, palette)),
+            Text.assemble(
+                bar(server.metrics.kv_cache_usage, gauge, palette),
+                (f" {_kv_percent(server):>7}", palette.text),
+                "  ",
+                _load_text(server, palette),
+            ),
         ),
-        ("req/s", Text.assemble((f"{rate(requests_now):>5} ", f"bold {palette.text}"), sparkline(stats.request_rate.values, spark_width, palette.spark_requests))),
-        ("tok/s", Text.assemble((f"{rate(tokens_now):>5} ", f"bold {palette.text}"), sparkline(stats.token_rate.values, spark_width, palette.spark_tokens))),
+        (
+            "req/s",
+            Text.assemble(
+                (f"{rate(requests_now):>5} ", f"bold {palette.text}"),
+                sparkline(stats.request_rate.values, spark_width, palette.spark_requests),
+            ),
+        ),
+        (
+            "tok/s",
+            Text.assemble(
+                (f"{rate(tokens_now):>5} ", f"bold {palette.text}"), sparkline(stats.token_rate.values, spark_width, palette.spark_tokens)
+            ),
+        ),
         (
             "TTFT p50",
             Text.assemble(
@@ -474,7 +490,10 @@ def gpu_table(snapshot: GpuSnapshot, width: int, palette: Palette, owners: Owner
         owned = ", ".join(owners(gpu))
         line = Text.assemble(
             (f"{gpu.index} ", f"bold {palette.text}"),
-            (f"{_fit(name[len(str(gpu.index)) + 1:], name_width - len(str(gpu.index)) - 1):<{name_width - len(str(gpu.index)) - 1}} ", palette.text),
+            (
+                f"{_fit(name[len(str(gpu.index)) + 1 :], name_width - len(str(gpu.index)) - 1):<{name_width - len(str(gpu.index)) - 1}} ",
+                palette.text,
+            ),
             bar(gpu.memory_fraction, gauge, palette),
             (f" {_memory(gpu):>14}  ", palette.text),
             _pair("util", "N/A" if gpu.utilization is None else f"{gpu.utilization:>3}%", palette),
@@ -591,7 +610,15 @@ def requests_table(records: Sequence[RequestRecord], height: int, width: int, pa
         status_color = palette.up if record.status < 400 else palette.busy if record.status < 500 else palette.down
         lines.append(
             row(
-                (clock_time(record.at), record.model, record.server, str(record.status), duration(record.latency), duration(record.ttft), "–" if record.tokens is None else str(record.tokens)),
+                (
+                    clock_time(record.at),
+                    record.model,
+                    record.server,
+                    str(record.status),
+                    duration(record.latency),
+                    duration(record.ttft),
+                    "–" if record.tokens is None else str(record.tokens),
+                ),
                 (palette.muted, palette.text, palette.text, f"bold {status_color}", palette.text, palette.muted, palette.text),
             )
         )
@@ -642,7 +669,10 @@ def problems_banner(config_error: ConfigError | None, admin_problem: str | None,
         grid.add_row(Text("✕", style=f"bold {palette.down}"), config_error_head(config_error, palette, reload_key))
         grid.add_row("", _bullets([str(problem) for problem in config_error.problems], palette))
     if admin_problem is not None:
-        grid.add_row(Text("!", style=f"bold {palette.busy}"), Text.assemble(("admin API off: ", f"bold {palette.busy}"), (admin_problem, palette.text)))
+        grid.add_row(
+            Text("!", style=f"bold {palette.busy}"),
+            Text.assemble(("admin API off: ", f"bold {palette.busy}"), (admin_problem, palette.text)),
+        )
     return grid
 
 
@@ -653,7 +683,10 @@ def config_error_head(error: ConfigError, palette: Palette, reload_key: str = "r
         ("config file broken: ", f"bold {palette.down}"),
         (where, f"bold {palette.text}"),
         (f" ({plural(len(error.problems), 'problem')}). ", palette.text),
-        (f"The last good config stays in force until the file is fixed; it is read again when saved, or now with {reload_key}.", palette.muted),
+        (
+            f"The last good config stays in force until the file is fixed; it is read again when saved, or now with {reload_key}.",
+            palette.muted,
+        ),
     )
 
 

@@ -47,7 +47,9 @@ def help_text(keys: Sequence[tuple[str, str]], palette: panels.Palette, themes_d
     for state, meaning in STATES:
         grid.add_row(panels.state_label(state, palette), Text(meaning, style=palette.text))
     grid.add_row("", "")
-    grid.add_row(Text("mouse", style=palette.muted), Text("click a server to select it, double-click it for its details", style=palette.muted))
+    grid.add_row(
+        Text("mouse", style=palette.muted), Text("click a server to select it, double-click it for its details", style=palette.muted)
+    )
     grid.add_row(Text("themes", style=palette.muted), Text(f"drop TOML themes into {themes_dir}", style=palette.muted))
     grid.add_row(Text("log", style=palette.muted), Text(str(log_file), style=palette.muted))
     return grid

@@ -103,7 +103,7 @@ def theme_from_mapping(data: Mapping[str, Any]) -> Theme:
 
 def _color_problem(key: str, value: Any) -> str | None:
     if not isinstance(value, str):
-        return f"`{key}` must be a colour string like \"#4aa3ff\""
+        return f'`{key}` must be a colour string like "#4aa3ff"'
     try:
         Color.parse(value)
     except ColorParseError:
