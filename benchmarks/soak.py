@@ -51,6 +51,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -114,7 +115,7 @@ MVTUI_TIMING = {
 MVTUI_ROUTER = {"queue_timeout": 20}  # `[router]`: a request waits in the model's queue at most this
 SAMPLE_EVERY_S = 1.0
 ABANDON_SHARE = 0.03  # streams whose client hangs up after the first chunk
-EXAMPLES_PER_CAUSE = 3
+EXAMPLES_PER_CAUSE = 2
 HEALTH_TIMEOUT_S, WATCH_EVERY_S, MAX_STACK_DUMPS = 5.0, 2.0, 3
 ERROR_PAUSE_S = (0.2, 1.0)  # a client's pause after an error answer
 
@@ -310,6 +311,20 @@ def request_for(rng: random.Random) -> tuple[str, dict[str, Any], bool, bool]:
     return ("/v1/chat/completions" if chat else "/v1/completions"), body, stream, abandon
 
 
+def error_gist(body: bytes) -> str:
+    """An OpenAI error's message without its particulars, to group answers by cause:
+    `Upstream sim-b failed: timed out` -> `Upstream sim-? failed: timed out`."""
+    try:
+        message = str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return "not an OpenAI error body"
+    message = re.sub(r"sim-[a-z]", "sim-?", message)
+    message = re.sub(r"<.*", "", message)  # aiohttp's exception details
+    message = re.sub(r" \((?!circuit).*", " (...)", message)  # which servers failed, and how
+    message = re.sub(r"\d+(\.\d+)?", "N", message)
+    return message.replace("|", "/").strip()[:90]
+
+
 async def one_request(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any], stream: bool, abandon: bool, state: dict[str, Any]
 ) -> tuple[str, str]:
@@ -317,8 +332,8 @@ async def one_request(
     async with session.post(url, json=body) as response:
         state["status"] = response.status
         if response.status != 200:
-            text = (await response.read())[:160].decode(errors="replace")
-            return f"HTTP {response.status}", text
+            body_bytes = await response.read()
+            return f"HTTP {response.status}: {error_gist(body_bytes)}", body_bytes[:200].decode(errors="replace")
         if not stream:
             payload = json.loads(await response.read())
             if not payload.get("choices"):
@@ -331,7 +346,7 @@ async def one_request(
             if line.startswith(b"data: [DONE]"):
                 done = True
             elif line.startswith(b"data: ") and b'"error"' in line and b'"choices"' not in line:
-                return "SSE error event after 200", line[6:200].decode(errors="replace").strip()
+                return f"SSE error event after 200: {error_gist(line[6:])}", line[6:200].decode(errors="replace").strip()
         if done:
             return OK, ""
         return "stream ended without [DONE] or an error event", ""

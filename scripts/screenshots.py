@@ -208,8 +208,7 @@ async def shoot_config_error(shooter: Shooter, paths: AppPaths) -> None:
             broken = good
             for old, new in BROKEN:
                 broken = broken.replace(old, new, 1)
-            path.write_text(broken, encoding="utf-8")
-            await pilot.press("r")
+            path.write_text(broken, encoding="utf-8")  # the file watcher reads it
             while app.core is None or app.core.config_error is None:
                 await asyncio.sleep(0.05)
             await shooter.take(app, pilot, "config-error", settle=0.5, notices=True, title="mvtui --config servers.toml")

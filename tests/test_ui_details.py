@@ -277,3 +277,15 @@ async def test_a_palette_command_that_does_not_apply_says_why(paths: AppPaths) -
         await command.run()
         await pilot.pause()
         assert last_notice(app) == "big is down, not asleep" and not server(app, "big").waking
+
+
+async def test_the_palettes_own_commands_run_the_dashboards_actions(paths: AppPaths) -> None:
+    app = frozen_app(paths)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.settled()
+        listed = {command.text: command for command in app.palette_commands()}
+        await listed["theme mvtui-light"].run()
+        assert app.theme == "mvtui-light"
+        listed["help"].run()
+        await pilot.pause()
+        assert type(app.screen).__name__ == "HelpScreen"

@@ -208,8 +208,9 @@ class Server:
         """How many requests it may have at once before new ones wait in the router's queue:
         its stated capacity; without one, the most it was seen running once it was seen
         queueing (from /metrics); None (no limit) until then."""
-        if self.config.capacity_set:
-            return self.capacity
+        config = self.config
+        if config.capacity_set:
+            return config.max_concurrent_requests
         if self.saturated and self.metrics_available:
             return max(self.capacity, int(self.peak_running))
         return None
@@ -226,9 +227,11 @@ class Server:
         limit = self.slot_limit
         if limit is None:
             return True
-        outside = max(0.0, self.external - self.remote_at_scrape)  # /metrics counted the fleet's too
-        mine_allowed = self.fleet_cap is None or self.in_flight < self.fleet_cap
-        return mine_allowed and self.total_in_flight + outside < limit
+        held = self.in_flight + self.remote_in_flight
+        outside = self.external - self.remote_at_scrape  # /metrics counted the fleet's too
+        if outside > 0:
+            held += outside
+        return held < limit and (self.fleet_cap is None or self.in_flight < self.fleet_cap)
 
     @property
     def sent_since_scrape(self) -> int:

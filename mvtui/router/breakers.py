@@ -26,6 +26,7 @@ class Breakers:
         self.clock = clock
         self._router: RouterConfig | None = None
         self._settings = BreakerSettings()
+        self.tripped: set[str] = set()  # servers whose breaker is not closed: the rest cost nothing
 
     @property
     def settings(self) -> BreakerSettings:
@@ -39,10 +40,11 @@ class Breakers:
                     self._report(server, server.breaker.reset(), "turned off")
         return self._settings
 
-    def allowed(self, servers: Iterable[Server], excluded: set[str], now: float) -> list[Server]:
-        """The servers a request may go to now: not excluded, and with a breaker that lets it."""
-        if not self.settings.enabled:
-            return [server for server in servers if server.url not in excluded]
+    def allowed(self, servers: list[Server], excluded: set[str], now: float) -> list[Server]:
+        """The servers a request may go to now: not excluded, and with a breaker that lets it
+        (the list given, when every breaker is closed and none is excluded)."""
+        if not self.tripped or not self.settings.enabled:
+            return [server for server in servers if server.url not in excluded] if excluded else servers
         return [server for server in servers if server.url not in excluded and server.breaker.allows(now)]
 
     def retry_after(self, servers: Iterable[Server], now: float) -> int:
@@ -73,5 +75,10 @@ class Breakers:
             self._report(server, server.breaker.released(self.clock()), "the probe was abandoned; the next request probes")
 
     def _report(self, server: Server, state: BreakerState | None, why: str) -> None:
-        if state is not None:
-            self.cluster.emit("breaker", server, f"circuit breaker {state.value}: {why}")
+        if state is None:
+            return
+        if state is BreakerState.CLOSED:
+            self.tripped.discard(server.url)
+        else:
+            self.tripped.add(server.url)
+        self.cluster.emit("breaker", server, f"circuit breaker {state.value}: {why}")

@@ -174,7 +174,8 @@ class Proxy:
         while True:
             routable = self.cluster.routable(model)
             if routable:
-                return await self._slot(plan, routable, tried, excluded, retry=retry)
+                server = self._at_once(plan, routable, tried, excluded, retry=retry)
+                return server or await self._slot(plan, routable, tried, excluded, retry=retry)
             if not waited_for_newcomers and await self._await_newcomers(model):
                 waited_for_newcomers = True
                 continue
@@ -187,6 +188,13 @@ class Proxy:
                 return await self._wait_in_queue(plan, tried, excluded, retry=retry)
             if not await self._made_available(model):
                 raise self._none_available(model)
+
+    def _at_once(self, plan: Plan, routable: list[Server], tried: set[str], excluded: set[str], *, retry: bool) -> Server | None:
+        """The common case, without a coroutine: every breaker closed, nobody waiting ahead,
+        a server with room (the queue off: any server)."""
+        if self.breakers.tripped or excluded or plan.model in self.admission.waiting:
+            return None
+        return self.admission.take(routable, tried, retry=retry, roomy_only=plan.config.router.queue)
 
     async def _slot(self, plan: Plan, routable: list[Server], tried: set[str], excluded: set[str], *, retry: bool) -> Server:
         allowed = self.breakers.allowed(routable, excluded, time.monotonic())
@@ -317,12 +325,13 @@ class Proxy:
                 error.recorded = True
                 self._record(request, plan.model, server, Outcome(error.status), started, number)
                 raise
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # the client left, or max_request_time ended it
                 self.breakers.released(server)
-                expired = plan.deadline is not None and plan.deadline.expired()
+                deadline = plan.deadline
+                expired = deadline is not None and deadline.expired()
                 self._record(request, plan.model, server, Outcome(504 if expired else CLIENT_CLOSED), started, number)
-                if expired:
-                    plan.deadline.recorded = True  # type: ignore[union-attr]
+                if deadline is not None:
+                    deadline.recorded = expired
                 raise
             finally:
                 self.admission.release(server)

@@ -280,7 +280,8 @@ class Dashboard(App[None]):
         problem = admin.problem if admin is not None else None
         reload_key = keymap.key_label(self.keys["reload"][0])
         key = (str(core.config_error), problem, palette, reload_key)
-        self._banner.show(key, panels.problems_banner(core.config_error, problem, palette, reload_key))
+        banner = lambda: panels.problems_banner(core.config_error, problem, palette, reload_key)  # noqa: E731
+        self._banner.show(key, banner, error=core.config_error is not None)
         for notice in self._notices.changes(core.config_error, admin):
             self.notify(escape(notice.message), title=notice.title, severity=notice.severity, timeout=notice.timeout)
 

@@ -536,7 +536,7 @@ def events_text(events: Sequence[ClusterEvent], height: int, width: int, palette
     shown = list(events)[-height:] if height > 0 else []
     if not shown:
         return Text("no events yet", style=palette.muted)
-    names = distinct_labels((event.server for event in shown), EVENT_SERVER_WIDTH)
+    names = distinct_labels({event.server for event in events}, EVENT_SERVER_WIDTH)  # apart from every name in the list
     lines = []
     for event in shown:
         role = _event_role(event.kind)

@@ -100,12 +100,16 @@ class Banner(Static):
         self.shown: RenderableType | None = None
         self.display = False
 
-    def show(self, key: Hashable, content: RenderableType | None) -> None:
+    def show(self, key: Hashable, content: Callable[[], RenderableType | None], *, error: bool) -> None:
+        """`content` is built only when `key` (what it depends on) changed; `error` draws
+        the line under it in the error colour (else the warning colour)."""
         if key == self.key:
             return
-        self.key, self.shown = key, content
-        self.display = content is not None
-        self.update(content if content is not None else "")
+        self.key = key
+        self.shown = content()
+        self.display = self.shown is not None
+        self.set_class(error, "-error")
+        self.update(self.shown if self.shown is not None else "")
 
 
 class GpuPane(TextPane):
