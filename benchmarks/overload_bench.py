@@ -272,19 +272,20 @@ async def fixed_count(url: str, total: int, concurrency: int) -> int:
 
 
 def run_failing(procs: Processes, total: int) -> list[str]:
-    sims = [start_sim(procs, "failing-bad", 32, 2000, ["--fail-rate", "1.0"])]
-    sims += [start_sim(procs, f"failing-good{i}", 32, 2000) for i in range(2)]
+    sims = [start_sim(procs, f"failing-{i}", 32, 2000) for i in range(3)]
     entries = [f'{{ url = "{url}", max_concurrent_requests = 32 }}' for url in sims]
     rows = [
         "| router | client requests | upstream attempts | attempts per request | to the failing server | client errors |",
         "|---|--:|--:|--:|--:|--:|",
     ]
     for name, router in (("breaker (default)", ""), ("breaker = false", "breaker = false")):
-        url = start_mvtui(procs, "failing-" + name.split()[0] + ("-off" if router else ""), entries, router)
+        url = start_mvtui(procs, "failing-" + ("breaker-off" if router else "breaker"), entries, router)
+        http("POST", sims[0] + "/sim/faults", {"fail_rate": 1.0})  # the first one fails everything from now on
         before = [sim_state(sim)["received"] for sim in sims]
         errors = asyncio.run(fixed_count(url, total, 16))
         received = [sim_state(sim)["received"] - start for sim, start in zip(sims, before)]
         rows.append(f"| mvtui, {name} | {total} | {sum(received)} | {sum(received) / total:.3f} | {received[0]} | {errors} |")
+        http("POST", sims[0] + "/sim/faults", {"fail_rate": 0.0})  # the next router finds all three up
     return rows
 
 

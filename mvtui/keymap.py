@@ -69,6 +69,8 @@ ACTIONS: tuple[KeyAction, ...] = (
     KeyAction("reload", ("r",), "reload", "reload the config file now"),
     KeyAction("log", ("l",), "log", "the selected instance's log", "instance_log"),
     KeyAction("details", ("enter",), "details", "the selected server's details: plots of the last 10 minutes, its requests, errors, config and log"),
+    KeyAction("chat", ("c",), "chat", "chat with the selected server's model through the router, answers streamed (starts or wakes it)"),
+    KeyAction("models", ("M",), "models", "the models in the Hugging Face cache; Enter on one adds an [[instances]] entry and starts it"),
     KeyAction("requests", ("R",), "requests", "show or hide the request log (beside the events when wide)", "toggle_requests", always=True),
     KeyAction("filter", ("slash",), "filter", "filter servers by name, URL, model or state (Enter keeps it)", always=True),
     KeyAction("clear_filter", ("escape",), "clear", "clear the filter", footer=False, always=True),

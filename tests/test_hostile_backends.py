@@ -92,6 +92,7 @@ class Fake:
     capacity: int = 1
     sent_since_scrape: int = 0
     in_flight: int = 0
+    total_in_flight: int = 0
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

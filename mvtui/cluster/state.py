@@ -227,7 +227,7 @@ class Server:
         limit = self.slot_limit
         if limit is None:
             return True
-        held = self.in_flight + self.remote_in_flight
+        held: float = self.in_flight + self.remote_in_flight
         outside = self.external - self.remote_at_scrape  # /metrics counted the fleet's too
         if outside > 0:
             held += outside

@@ -10,16 +10,18 @@ and restart on a local instance.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mvtui.cluster.sleep_wake import Controller
 from mvtui.cluster.state import Cluster, Server
-from mvtui.config.edit import Change, set_server_value, unset_server_value
+from mvtui.config.edit import Change, find_instance, set_instance, set_server_value, unset_server_value
 from mvtui.config.edit import add_server as add_server_entry
 from mvtui.config.edit import remove_server as remove_server_entry
-from mvtui.config.entries import EntryError, server_entry
+from mvtui.config.entries import EntryError, instance_entry, server_entry
+from mvtui.config.schema import InstanceConfig
 from mvtui.control.live_config import LiveConfig
 from mvtui.control.overlay import Overlay
 from mvtui.control.shared import LocalOverlay, Mutation, SharedOverlay
@@ -155,6 +157,23 @@ class Operator:
             return Outcome(config.label, config.display_url, f"{said} ({NO_FILE})")
         return await self._edit(config.label, config.display_url, said, add_server_entry(config), None)
 
+    async def add_instance(self, values: Mapping[str, Any]) -> Outcome:
+        """A new `[[instances]]` entry (`model` and the other keys in `values`), checked as the
+        config file's entries are and appended to the file, its comments kept (live only
+        when there is no file). It is not started: `start` does that."""
+        config = _instance_config(values)
+        if any(instance.label == config.label for instance in self.instances):
+            raise CommandError(f"an instance named {config.label!r} exists already; choose another name")
+        said = f"added [[instances]] {config.label} ({config.model})"
+        if self.live.path is None:
+            instance = self.instances.add(config, origin="api")
+            return Outcome(config.label, instance.server.display_url, f"{said} ({NO_FILE})")
+        notes = await self._edit_notes(_new_instance(config.label, dict(values)))
+        added = next((instance for instance in self.instances if instance.label == config.label), None)
+        if added is None:  # in the file, but the instances refused it (a port in use...)
+            raise CommandError(f"{said} to {self.live.path}, but it could not be set up: {'; '.join(notes)}")
+        return Outcome(config.label, added.server.display_url, f"{said} (saved to {self.live.path})", self.live.path)
+
     # --- sleep, wake, local instances ----------------------------------------------------
 
     async def sleep(self, key: str, level: int) -> Server:
@@ -218,11 +237,32 @@ class Operator:
         return outcome
 
     async def _edit(self, name: str, url: str, said: str, change: Change, settle: Any) -> Outcome:
+        await self._edit_notes(change, settle)
+        return Outcome(name, url, f"{said} (saved to {self.live.path})", self.live.path)
+
+    async def _edit_notes(self, change: Change, settle: Any = None) -> list[str]:
         try:
-            await self.live.edit(change, settle)
+            return await self.live.edit(change, settle)
         except ConfigEditError as error:
             raise CommandError(str(error)) from None
-        return Outcome(name, url, f"{said} (saved to {self.live.path})", self.live.path)
+
+
+def _instance_config(values: Mapping[str, Any]) -> InstanceConfig:
+    try:
+        return instance_entry(dict(values))
+    except EntryError as error:
+        raise CommandError(str(error)) from None
+
+
+def _new_instance(label: str, values: dict[str, Any]) -> Change:
+    """Append an entry; one the file already has under that name is refused, not changed."""
+
+    def change(document: Any) -> None:
+        if find_instance(document, label) is not None:
+            raise ConfigEditError(f"the config file has an [[instances]] entry for {label!r} already; choose another name")
+        set_instance(label, values, create=True)(document)
+
+    return change
 
 
 def _requests(count: int) -> str:

@@ -24,7 +24,7 @@ from mvtui.cluster.fleet_status import FleetStatus, ReplicaStatus
 from mvtui.cluster.state import Cluster, Server
 from mvtui.fleet import keys
 from mvtui.fleet.keys import Heartbeat
-from mvtui.fleet.link import REDIS_ERRORS, Link
+from mvtui.fleet.link import REDIS_ERRORS, Link, honour_cancel
 from mvtui.fleet.sync import Follower
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class Beacon:
             except REDIS_ERRORS as error:
                 self.link.lost(error)
                 continue
+            finally:
+                honour_cancel()
             self.absorb(mine, records)
             await asyncio.sleep(BEAT_EVERY_S)
 

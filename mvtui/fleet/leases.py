@@ -22,7 +22,7 @@ from mvtui.cluster.state import Server
 from mvtui.errors import CommandError, FleetUnavailable
 from mvtui.fleet import keys
 from mvtui.fleet.keys import Heartbeat, PowerEntry
-from mvtui.fleet.link import REDIS_ERRORS, Link
+from mvtui.fleet.link import REDIS_ERRORS, Link, honour_cancel
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class RedisLease:
             except REDIS_ERRORS as error:
                 self.link.lost(error)
                 continue
+            finally:
+                honour_cancel()
             if renewed == 0:
                 self.lost = True
                 log.warning("fleet: the lease on %s (token %d) was lost", self.server, self.token)

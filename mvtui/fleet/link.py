@@ -33,6 +33,15 @@ MAX_BACKOFF_S = 5.0
 OnChange = Callable[[bool, str], None]  # (connected, problem)
 
 
+def honour_cancel() -> None:
+    """Raise the cancellation a Redis call may have swallowed. On Python 3.11, asyncio.wait_for
+    (which redis-py uses for its socket timeouts) drops a cancel that lands as the call
+    completes; a loop that goes on after such a call would never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def describe(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     return redact_url(text)
@@ -110,6 +119,7 @@ class Link:
             await self._wanted.wait()
             backoff = FIRST_BACKOFF_S
             while not await self.connect(on_up):
+                honour_cancel()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
             log.info("fleet: connected to Redis at %s", self.shown)

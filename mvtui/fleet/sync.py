@@ -22,7 +22,7 @@ from mvtui.errors import CommandError
 from mvtui.fleet import keys
 from mvtui.fleet.keys import PowerEntry
 from mvtui.fleet.leases import RedisCoordinator
-from mvtui.fleet.link import REDIS_ERRORS, Link
+from mvtui.fleet.link import REDIS_ERRORS, Link, honour_cancel
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class Follower:
                 await self._follow()
             except REDIS_ERRORS as error:
                 self.link.lost(error)
+            finally:
+                honour_cancel()
 
     async def _follow(self) -> None:
         pubsub = self.link.client.pubsub(ignore_subscribe_messages=True)
@@ -68,7 +70,9 @@ class Follower:
             await self.read_all()
             while self.link.connected:
                 await pubsub.get_message(timeout=FULL_READ_S)  # a change, or time for the periodic read
+                honour_cancel()
                 await self.read_all()
+                honour_cancel()
         finally:
             with contextlib.suppress(*REDIS_ERRORS):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

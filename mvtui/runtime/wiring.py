@@ -31,6 +31,9 @@ from mvtui.errors import ConfigError
 from mvtui.gpu import GpuProbe
 from mvtui.instances.manager import InstanceManager
 from mvtui.paths import AppPaths
+from mvtui.router.adapters.base import FrontDoorClient, loopback_url
+from mvtui.router.adapters.openai_paths import unversioned_routes
+from mvtui.router.adapters.registry import adapter_routes
 from mvtui.router.endpoints import StatusEndpoints
 from mvtui.router.front_door import FrontDoor
 from mvtui.router.metrics import RouterMetrics
@@ -194,6 +197,10 @@ class Services:
     async def _serve(self) -> None:
         assert self.proxy is not None
         routes = [*self.proxy.routes(), *StatusEndpoints(self.cluster, self.registry).routes()]
+        routes += unversioned_routes(self.proxy.handle, self.proxy.list_models)
+        host = self.config.router.host  # protocol adapters send their OpenAI requests to this router
+        loopback = FrontDoorClient(self.proxy.session, lambda: loopback_url(host, self.router_port or 0), lambda: self.config)
+        routes += adapter_routes(loopback, routes)
         door = FrontDoor(lambda: self.config, routes, self.config.timing.shutdown_timeout)
         try:
             await door.start()

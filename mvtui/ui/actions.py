@@ -7,15 +7,17 @@ the admin API and the CLI use, with the same meaning (live until restart unless 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from mvtui import keymap
 from mvtui.cluster.state import Server
+from mvtui.config.entries import EntryError, instance_entry
 from mvtui.control.operator import Operator
 from mvtui.errors import CommandError
 from mvtui.gpu import Gpu
-from mvtui.instances.record import Instance
+from mvtui.instances.record import STARTABLE, Instance
 from mvtui.ui.core import Core
 
 # Keys that need nothing from the core: the keymap says which.
@@ -44,7 +46,7 @@ class CoreActions:
             return True if self.core.config_path is not None else None
         if action == "undrain":
             return server is not None and server.drain
-        if action == "add_server":
+        if action in ("add_server", "models"):
             return True
         if action == "details":
             return True if server is not None else None
@@ -81,6 +83,9 @@ class CoreActions:
 
     def _can_instance_log(self, server: Server) -> bool:
         return self.log_file(server) is not None
+
+    def _can_chat(self, server: Server) -> bool:
+        return self.core.operator is not None and self.chat_model(server) is not None and server.lifecycle != "stopping"
 
     # --- the commands -------------------------------------------------------------------
 
@@ -123,6 +128,15 @@ class CoreActions:
         instance = await self.operator.stop(self._instance_key(server))
         return f"{instance.label}: stopped"
 
+    async def add_instance(self, values: Mapping[str, Any]) -> tuple[str, str]:
+        """A new [[instances]] entry, written to the config file (not started): its name and what was done."""
+        outcome = await self.operator.add_instance(values)
+        return outcome.name, outcome.message
+
+    async def start_instance(self, label: str) -> str:
+        instance = await self.operator.start(label)
+        return f"{instance.label}: running on {instance.server.url}"
+
     async def reload(self) -> str:
         notes = await self.operator.reload()
         return "; ".join(notes) or "config reloaded: nothing changed"
@@ -151,6 +165,42 @@ class CoreActions:
             if label is not None:
                 owners[label] = None
         return list(owners)
+
+    # --- models and chat ------------------------------------------------------------------
+
+    def instance_problem(self, values: Mapping[str, Any]) -> str | None:
+        """Why a new [[instances]] entry would be refused (the config's own checks), or None."""
+        try:
+            config = instance_entry(dict(values))
+        except EntryError as error:
+            return str(error)
+        operator = self.core.operator
+        if operator is not None and any(instance.label == config.label for instance in operator.instances):
+            return f"an instance named {config.label!r} exists already; choose another name"
+        return None
+
+    def chat_model(self, server: Server) -> str | None:
+        """The model name a chat with `server` asks the router for: a managed instance's
+        served name, else the first model the server lists."""
+        instance = self.instance(server)
+        if instance is not None:
+            return instance.config.served_name
+        return server.models[0] if server.models else None
+
+    def preparation(self, server: Server) -> str | None:
+        """What a chat does before its first question: "start" a stopped (or starting)
+        instance, "wake" a sleeping (or waking) server, else None."""
+        instance = self.instance(server)
+        if instance is not None and (instance.lifecycle in STARTABLE or instance.starting):
+            return "start"
+        if server.sleep_level > 0 or server.waking:
+            return "wake"
+        return None
+
+    def router_api_key(self) -> str:
+        """A key the router takes: the first of `[router] api_keys`; any text when it has none."""
+        keys = self.core.config.router.api_keys
+        return keys[0] if keys else "none"
 
     # --- helpers ------------------------------------------------------------------------
 

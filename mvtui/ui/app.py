@@ -32,13 +32,17 @@ from mvtui.cluster.state import ClusterEvent, ClusterSummary, RequestRecord, Ser
 from mvtui.config.starter import example_file
 from mvtui.errors import CommandError
 from mvtui.gpu import Gpu, GpuSampler
+from mvtui.models.cache import CacheListing, scan_models
+from mvtui.models.chat import Conversation
 from mvtui.paths import AppPaths
 from mvtui.ui import key_reasons, notices, panels, themes
 from mvtui.ui.actions import CoreActions
+from mvtui.ui.chat_screen import ChatContext, ChatScreen
 from mvtui.ui.commands import DashboardCommands, PaletteCommand, server_commands
 from mvtui.ui.core import Core, CoreFactory
 from mvtui.ui.details import DetailsContext, DetailsScreen
 from mvtui.ui.history import MetricsHistory
+from mvtui.ui.models_screen import ModelsContext, ModelsScreen
 from mvtui.ui.screens import AddServerScreen, ConfirmScreen, HelpScreen, InstanceLogScreen, SleepScreen, help_text
 from mvtui.ui.widgets import Banner, ClusterBar, EventsPane, GpuPane, KeyBar, RequestsPane, ServerPane
 
@@ -125,6 +129,8 @@ class Dashboard(App[None]):
         self.history = MetricsHistory()  # each server's numbers, for the details screen's plots
         self._notices = notices.Notices()
         self._terminal_fds: list[int] = []  # the terminal's, sent to /dev/null on SIGHUP
+        self.scan_models: Callable[[], CacheListing] = scan_models  # the Models screen's, in a thread (tests freeze it)
+        self.conversations: dict[str, Conversation] = {}  # the chat screen's, by model, kept while the dashboard runs
 
     # --- layout -------------------------------------------------------------------------
 
@@ -530,6 +536,24 @@ class Dashboard(App[None]):
         context = DetailsContext(self.core, actions, self.history, self.keys, lambda: self._palette, self.run_on)
         self.push_screen(DetailsScreen(server, context))
 
+    async def action_chat(self) -> None:
+        await self._on_selected("chat")
+
+    def _open_chat(self, server: Server, actions: CoreActions) -> None:
+        assert self.core is not None
+        model = actions.chat_model(server)
+        if model is None:
+            return
+        conversation = self.conversations.setdefault(model, Conversation())
+        context = ChatContext(server, model, self.core.router_url, actions.router_api_key(), actions, conversation, lambda: self._palette)
+        self.push_screen(ChatScreen(context))
+
+    def action_models(self) -> None:
+        actions = self.core_actions
+        if actions is not None:
+            gpus = lambda: self.gpu.latest if self.gpu else None  # noqa: E731
+            self.push_screen(ModelsScreen(ModelsContext(actions, self.scan_models, lambda: self._palette, gpus, self._run_command)))
+
     def action_add_server(self) -> None:
         actions = self.core_actions
         if actions is None:
@@ -590,6 +614,12 @@ class Dashboard(App[None]):
             PaletteCommand("reload the config file", "read it now", lambda: self.run_action("reload"), ready=bool(reload_state)),
             PaletteCommand(
                 "add a server", "asks its URL and capacity", lambda: self.run_action("add_server"), ready=self.core_actions is not None
+            ),
+            PaletteCommand(
+                "models: the Hugging Face cache",
+                "Enter on one adds an [[instances]] entry and starts it",
+                lambda: self.run_action("models"),
+                ready=self.core_actions is not None,
             ),
             PaletteCommand("requests: show or hide the request log", "beside the events when wide", self.action_toggle_requests),
             PaletteCommand("filter servers", "by name, URL, model or state", self.action_filter),

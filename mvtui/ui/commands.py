@@ -31,6 +31,7 @@ class ServerCommand:
 
 SERVER_COMMANDS: tuple[ServerCommand, ...] = (
     ServerCommand("details", "details", "plots, requests, errors, config and log"),
+    ServerCommand("chat", "chat", "talk to its model through the router (starts or wakes it first)"),
     ServerCommand("drain", "drain", "no new requests; those in flight finish (live, until restart)"),
     ServerCommand("undrain", "undrain", "take new requests again (live, until restart)"),
     ServerCommand("drain+save", "drain_save", "drain or undrain, and write it to the config file"),

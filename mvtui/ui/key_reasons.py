@@ -92,6 +92,14 @@ def _log(server: Server, facts: Facts) -> str:
     return f"{NOT_MANAGED.format(name=server.name)}: its log is where it runs"
 
 
+def _chat(server: Server, facts: Facts) -> str:
+    if not facts.sleep_wake:
+        return "the core is still starting"
+    if server.lifecycle == "stopping":
+        return f"{server.name} is stopping"
+    return f"{server.name} lists no model yet (it has not answered /v1/models)"
+
+
 def _configured_only(action: str) -> Callable[[Server, Facts], str]:
     def explain(server: Server, facts: Facts) -> str:
         return MANAGED_REASONS[action].format(name=server.name)
@@ -105,5 +113,6 @@ REASONS: dict[str, Callable[[Server, Facts], str]] = {
     "start": _start,
     "stop": _stop,
     "instance_log": _log,
+    "chat": _chat,
     **{action: _configured_only(action) for action in MANAGED_REASONS},
 }

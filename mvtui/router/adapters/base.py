@@ -123,7 +123,9 @@ async def answer_error(answer: aiohttp.ClientResponse) -> AdapterError:
     """The router's error answer (OpenAI's shape) as an AdapterError: status, message, Retry-After."""
     raw = await answer.content.read(MAX_ERROR_BYTES)
     retry_after = answer.headers.get("Retry-After")
-    return AdapterError(answer.status, error_message(raw) or answer.reason or "error", {"Retry-After": retry_after} if retry_after else None)
+    return AdapterError(
+        answer.status, error_message(raw) or answer.reason or "error", {"Retry-After": retry_after} if retry_after else None
+    )
 
 
 def error_message(raw: bytes) -> str:
