@@ -27,8 +27,8 @@ closed under it) is counted on its own line; a request is LOST when the client t
 fires first, whether before the status (no answer at all) or after a 200 (a stream or body
 that went silent without an error event). mvtui's configured bounds (request_timeout 5 s,
 generation_timeout 15 s, wake_timeout 10 s, 3 retries, queue_timeout 20 s: at most about
-55 s together) bound every answer inside the 90 s client timeout, so a lost request is a
-router bug.
+55 s together) bound every answer inside the client timeout (90 s by default), so a lost
+request is a router bug.
 
 The table goes to stdout and benchmarks/results/soak.md (ignored by git), the event log to
 soak-events.log beside it, every process's output to benchmarks/results/soak-logs/

@@ -68,7 +68,14 @@ def start_replica(tmp_path: Path, name: str, redis_url: str, backends: Sequence[
 
 
 async def start_replicas(
-    tmp_path: Path, procs: list[Proc], redis_url: str, backends: Sequence[Backend], *, count: int = 3, policy: str = "least_loaded", extra: str = ""
+    tmp_path: Path,
+    procs: list[Proc],
+    redis_url: str,
+    backends: Sequence[Backend],
+    *,
+    count: int = 3,
+    policy: str = "least_loaded",
+    extra: str = "",
 ) -> list[Replica]:
     started = await asyncio.gather(
         *(asyncio.to_thread(start_replica, tmp_path, f"r{index + 1}", redis_url, backends, policy, extra) for index in range(count))
@@ -149,5 +156,5 @@ class Load:
                             self.ok += 1
                         else:
                             self.errors.append(f"{url}: {response.status}")
-                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                except (TimeoutError, aiohttp.ClientError) as error:
                     self.errors.append(f"{url}: {error!r}")

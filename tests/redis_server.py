@@ -80,8 +80,8 @@ class RedisServer:
             proc.wait()
 
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
+def running_redis() -> Iterator[RedisServer]:
+    """For a fixture: a started server, stopped (and its log removed) afterwards."""
     server = RedisServer(redis_server_binary()).start()
     try:
         yield server

@@ -10,19 +10,28 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import redis.asyncio as redis_client
 
 from mvtui.fleet import keys
 from mvtui.fleet.keys import PowerEntry
 from tests.fleet_setup import DEV_MODE, Backend, Load, Replica, admin, get_json, server_seen, start_replicas, until
 from tests.helpers import REPO_ROOT, Proc, start_sim
-from tests.redis_server import RedisServer, redis_server  # noqa: F401  (the fixture)
+from tests.redis_server import RedisServer, running_redis
 
 FAST = ["--tokens-per-s", "400", "--ttft-ms", "2"]
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    yield from running_redis()
+
+
 SLEEPY = [*FAST, "--enable-sleep-mode", "--sleep-requests", "hang", "--wake-ms-l1", "300"]
 
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -28,7 +28,13 @@ from mvtui.gpu import GpuProbe
 from mvtui.paths import AppPaths
 from mvtui.runtime.wiring import Services
 from tests.helpers import Proc, eventually, start_sim
-from tests.redis_server import RedisServer, redis_server  # noqa: F401  (the fixture)
+from tests.redis_server import RedisServer, running_redis
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    yield from running_redis()
+
 
 TIMING = TimingConfig(metrics_interval=0.1, health_check_interval=0.5, drain_timeout=10, wake_timeout=30, shutdown_timeout=3)
 
@@ -209,3 +215,24 @@ def lease_acked(services: Services) -> bool:
 
 def test_a_cluster_with_no_fleet_has_no_fleet_status() -> None:
     assert Cluster().fleet is None
+
+
+# --- the deployment examples (no container runtime here: they are checked as text) -------------
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def test_the_kubernetes_example_runs_three_replicas_on_one_redis() -> None:
+    text = (DEPLOY / "kubernetes" / "mvtui.yaml").read_text()
+    block = text.split("servers.toml: |\n", 1)[1].split("\n---", 1)[0]
+    config = parse_config("\n".join(line.removeprefix("    ") for line in block.splitlines()))
+    assert config.cluster.redis_url == "redis://mvtui-redis:6379/0" and len(config.servers) == 2
+    assert "replicas: 3" in text and "kind: Service" in text and "image: redis:" in text
+    assert "mountPath: /etc/mvtui" in text and "subPath" not in text.split("# Edit the ConfigMap")[1].split("---", 1)[1]
+
+
+def test_the_dockerfile_is_slim_non_root_and_checks_health() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in text and "USER 10001" in text
+    assert re.search(r"HEALTHCHECK .*\n.*http://127\.0\.0\.1:8888/health", text)
+    assert 'ENTRYPOINT ["mvtui", "--no-ui"]' in text

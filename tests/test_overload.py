@@ -97,7 +97,7 @@ def test_a_burst_waits_in_order_and_past_queue_size_gets_an_openai_429(one_slot:
     waiting = []
     for index, stream in enumerate([True, True, False]):  # streams and plain requests queue alike
         waiting.append(held(router, stream=stream, max_tokens=LONG if stream else 2))
-        wait_until(lambda: queue_depth(router) == index + 1, what=f"{index + 1} queued")
+        wait_until(lambda count=index + 1: queue_depth(router) == count, what=f"{index + 1} queued")
     full = http.post(router.url + "/v1/chat/completions", json=chat(), timeout=30)
     assert full.status_code == 429
     assert int(full.headers["retry-after"]) >= 1
@@ -162,7 +162,9 @@ def test_the_openai_sdk_retries_a_429_by_itself_and_succeeds(tmp_path: Path) -> 
         client = openai.OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=5, timeout=30)
         result: dict[str, Any] = {}
         thread = threading.Thread(
-            target=lambda: result.update(reply=client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}], max_tokens=2))
+            target=lambda: result.update(
+                reply=client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+            )
         )
         thread.start()
         wait_until(lambda: metric(router, "mvtui_requests_total", status="429") >= 1, what="a 429")
@@ -312,12 +314,21 @@ def test_a_retry_takes_no_round_robin_turn(tmp_path: Path) -> None:
 # --- OpenAI-compatible servers that are not vLLM ------------------------------------------------------
 
 
+def landed(*backends: HostileBackend) -> int:
+    return sum(backend.hits["/v1/chat/completions"] for backend in backends)
+
+
 @pytest.mark.parametrize("metrics", ["404", "foreign"])
 @pytest.mark.parametrize("policy", ["balanced", "power_of_two", "least_loaded"])
 def test_a_backend_without_metrics_stays_up_and_is_loaded_by_requests_in_flight(tmp_path: Path, metrics: str, policy: str) -> None:
     slow, fast = HostileBackend("demo"), HostileBackend("demo")
     for backend in (slow, fast):
-        backend.answer("/metrics", Answer(404, b'{"detail":"Not Found"}') if metrics == "404" else Answer(200, b"python_gc_objects_collected_total 1.0\n", "text/plain"))
+        backend.answer(
+            "/metrics",
+            Answer(404, b'{"detail":"Not Found"}')
+            if metrics == "404"
+            else Answer(200, b"python_gc_objects_collected_total 1.0\n", "text/plain"),
+        )
     gate = slow.hold("/v1/chat/completions")
     with slow.threaded() as slow_url, fast.threaded() as fast_url:
         router = start_router(write_config(tmp_path / "servers.toml", [slow_url, fast_url], f'[router]\npolicy = "{policy}"\n'))
@@ -326,9 +337,13 @@ def test_a_backend_without_metrics_stays_up_and_is_loaded_by_requests_in_flight(
             wait_until(lambda: all(server["has_metrics"] is False for server in load_stats(router)["servers"]), what="no metrics seen")
             threads = []
             for index in range(10):  # one at a time: each lands before the next is sent
-                threads.append(threading.Thread(target=http.post, args=(router.url + "/v1/chat/completions",), kwargs={"json": chat("demo"), "timeout": 30}))
+                threads.append(
+                    threading.Thread(
+                        target=http.post, args=(router.url + "/v1/chat/completions",), kwargs={"json": chat("demo"), "timeout": 30}
+                    )
+                )
                 threads[-1].start()
-                wait_until(lambda: slow.hits["/v1/chat/completions"] + fast.hits["/v1/chat/completions"] == index + 1, what="the request to land")
+                wait_until(lambda count=index + 1: landed(slow, fast) == count, what="the request to land")
                 wait_until(lambda: fast.in_flight == 0, what="the fast server's answer")
             assert slow.hits["/v1/chat/completions"] <= 1  # held requests count: it is busy
             gate.set()
@@ -359,7 +374,9 @@ def test_a_server_added_a_moment_ago_gets_the_newcomer_wait(tmp_path: Path, gate
             wait_until(lambda: len(load_stats(router)["servers"]) == 2, what="the new server")
             wait_until(lambda: newcomer.hits[gated] >= 1, what="its first check")
             result: dict[str, Any] = {}
-            thread = threading.Thread(target=lambda: result.update(answer=http.post(router.url + "/v1/chat/completions", json=chat("other"), timeout=30)))
+            thread = threading.Thread(
+                target=lambda: result.update(answer=http.post(router.url + "/v1/chat/completions", json=chat("other"), timeout=30))
+            )
             thread.start()
             thread.join(0.5)  # the request arrives while the newcomer is not checked yet
             gate.set()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from textual.widgets import Static
+from textual.widgets import Input, Static
 
 from mvtui.models.chat import Conversation
 from mvtui.paths import AppPaths
@@ -17,7 +17,7 @@ from mvtui.sim.config import SimConfig
 from mvtui.ui.app import create_app
 from mvtui.ui.chat_screen import ChatScreen
 from tests.helpers import Proc, eventually, free_port, start_sim
-from tests.test_ui import MODEL, config_text, core_from_file, keys, ready, select, server, sims
+from tests.test_ui import MODEL, config_text, core_from_file, ready, select, server, sims
 from tests.ui_frozen import frozen_factory, frozen_services, tmp_paths
 
 KEY = "sk-dashboard-test"
@@ -38,8 +38,12 @@ def transcript(screen: ChatScreen) -> list[tuple[str, str]]:
 
 
 async def ask(pilot, screen: ChatScreen, question: str) -> None:  # type: ignore[no-untyped-def]
-    await pilot.press(*question, "enter")
-    await eventually(lambda: screen.answering is not None, what="the question sent")
+    """Type the question and send it, without waiting for the screen to be idle (the Pilot's
+    `press` would: not before the streamed answer is over)."""
+    await pilot.press(*question)
+    before = screen.answering
+    await screen.query_one("#chat-input", Input).action_submit()
+    await eventually(lambda: screen.answering is not before, what="the question sent")
 
 
 async def answered(screen: ChatScreen, count: int) -> None:
@@ -59,7 +63,6 @@ async def test_a_chat_streams_through_the_router_and_keeps_the_conversation(tmp_
         screen = app.screen
         assert isinstance(screen, ChatScreen)
         await ask(pilot, screen, "hello")
-        print("DBG", transcript(screen), screen.answer, screen.answering)
         partial = await eventually(
             lambda: screen.answer is not None and not screen.answering.is_finished and screen.answer.text, what="tokens"
         )
@@ -149,7 +152,7 @@ command = [{command}]
         await app.settled()
         local = server(app, "local")
         app.tick()
-        assert local.state == "stopped" and keys(app)["c"] == ("chat", True)
+        assert local.state == "stopped" and app.check_action("chat", ()) is True
         await pilot.press("c")
         screen = app.screen
         assert isinstance(screen, ChatScreen)
@@ -169,14 +172,14 @@ async def test_chat_is_greyed_on_a_server_without_a_model_and_listed_in_the_pale
     app = create_app(frozen_factory(services), paths, user_themes=False)
     async with app.run_test(size=(100, 30), notifications=True) as pilot:
         await app.settled()
-        assert keys(app)["c"] == ("chat", False)
+        assert app.check_action("chat", ()) is None  # greyed
         await pilot.press("c")
         await pilot.pause()
         assert not isinstance(app.screen, ChatScreen)
         said = [(notice.title, notice.message) for notice in app._notifications]
         assert ("chat", "small lists no model yet (it has not answered /v1/models)") in said
         await select(app, pilot, "medium")
-        assert keys(app)["c"] == ("chat", True)
+        assert app.check_action("chat", ()) is True
         texts = [command.text for command in app.palette_commands()]
         assert "chat medium" in texts and "chat small" in texts and "models: the Hugging Face cache" in texts
 

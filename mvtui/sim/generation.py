@@ -81,6 +81,8 @@ class GenerationRoutes:
             if generation.stream:
                 return await self._stream(request, generation, seq, output)
             return await self._complete(request, generation, seq, output)
+        except ConnectionResetError:  # the client (the router) went away mid-answer: an abort, as in vLLM
+            raise asyncio.CancelledError() from None
         finally:
             runtime.engine.abort(seq)  # a no-op once finished; frees the slot on disconnect
 
