@@ -451,7 +451,8 @@ async def test_fault_updates_are_validated(sim: SimServer, http: aiohttp.ClientS
     async with http.post(sim.url + "/sim/faults", json={"bogus": 1}) as response:
         assert response.status == 400
     assert await set_faults(http, sim, hang=True, cut_after_tokens=None) == {
-        "fail_rate": 0.0, "hang": True, "slow": 1.0, "cut_after_tokens": None, "dead": False}
+        "fail_rate": 0.0, "hang": True, "slow": 1.0, "cut_after_tokens": None, "dead": False,
+        "cut_body": False, "stall_body": False, "redirect_to": None, "pad_answer_bytes": 0}
 
 
 async def test_exit_fault_in_process(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:

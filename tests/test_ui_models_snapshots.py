@@ -12,10 +12,10 @@ from textual.widgets import Input
 from mvtui.config.schema import InstanceConfig
 from mvtui.models.cache import CachedModel, CacheListing, Revision
 from mvtui.models.chat import Conversation
-from mvtui.ui.app import Dashboard
+from mvtui.ui.app import Dashboard, create_app
 from mvtui.ui.models_screen import ModelsScreen
-from tests.test_ui_snapshots import frozen_app, settle, utc  # noqa: F401  (utc: an autouse fixture)
-from tests.ui_frozen import FROZEN_AT, FrozenCore
+from tests.test_ui_snapshots import SNAPSHOT_PATHS, frozen_app, settle, utc  # noqa: F401  (utc: an autouse fixture)
+from tests.ui_frozen import FROZEN_AT, FrozenCore, frozen_factory, frozen_services
 
 CACHE = Path("/home/ops/.cache/huggingface/hub")
 MIB, GIB = 1024**2, 1024**3
@@ -66,7 +66,9 @@ def with_instances(services: FrozenCore) -> None:
 
 
 def models_app() -> Dashboard:
-    app = frozen_app(setup=with_instances)
+    services = frozen_services(SNAPSHOT_PATHS)
+    with_instances(services)
+    app = create_app(frozen_factory(services), SNAPSHOT_PATHS, user_themes=False)
     app.scan_models = frozen_listing
     return app
 
