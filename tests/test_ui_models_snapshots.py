@@ -5,6 +5,7 @@ then look at the report before committing the new SVGs."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from textual.widgets import Input
@@ -40,7 +41,7 @@ def cached(repo_id: str, kind: str, size: int, age_days: float, older: int) -> C
     folder = CACHE / ("models--" + repo_id.replace("/", "--"))
     revisions = tuple(
         Revision(
-            f"{index:x}{repo_id.encode().hex()}"[:40].ljust(40, "0"),
+            hashlib.sha1(f"{repo_id}@{index}".encode()).hexdigest(),
             ("main",) if index == 0 else (),
             FROZEN_AT - (age_days + index * 30) * DAY,
             size,
@@ -89,15 +90,21 @@ def test_models_screen_80x24(snap_compare) -> None:  # type: ignore[no-untyped-d
     assert snap_compare(models_app(), terminal_size=(80, 24), run_before=models_listed)
 
 
-def test_instance_form_with_a_problem(snap_compare) -> None:  # type: ignore[no-untyped-def]
-    async def asked(pilot) -> None:  # type: ignore[no-untyped-def]
-        await models_listed(pilot)
-        await pilot.press("down", "down", "enter")  # Qwen/Qwen2.5-0.5B-Instruct
-        await pilot.press("1", "enter")
-        pilot.app.screen.query_one("#instance-memory", Input).value = "1.5"
-        await pilot.press("enter")
+async def asked(pilot) -> None:  # type: ignore[no-untyped-def]
+    """The form for Qwen/Qwen2.5-0.5B-Instruct, given a memory share it refuses."""
+    await models_listed(pilot)
+    await pilot.press("down", "down", "enter")
+    await pilot.press("1", "enter")
+    pilot.app.screen.query_one("#instance-memory", Input).value = "1.5"
+    await pilot.press("enter")
 
+
+def test_instance_form_with_a_problem(snap_compare) -> None:  # type: ignore[no-untyped-def]
     assert snap_compare(models_app(), terminal_size=(120, 36), run_before=asked)
+
+
+def test_instance_form_80x24(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(models_app(), terminal_size=(80, 24), run_before=asked)
 
 
 def test_chat_screen(snap_compare) -> None:  # type: ignore[no-untyped-def]

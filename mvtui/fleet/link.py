@@ -1,7 +1,8 @@
 """The connection to Redis, and whether the fleet can use it now.
 
 Every part of the fleet talks to Redis through one `redis.asyncio` client on mvtui's loop,
-with short timeouts and no retries of its own: a failed call marks the link lost at once
+with short timeouts and one immediate retry (for a pooled connection that Redis closed): a
+failed call marks the link lost at once
 (`lost`), the parts fall back to what they last knew (fail-static), and `run` reconnects
 with a backoff that doubles up to a cap. Nothing on a request's path ever waits for Redis.
 """
@@ -56,7 +57,7 @@ class Link:
             decode_responses=True,
             socket_timeout=SOCKET_TIMEOUT_S,
             socket_connect_timeout=SOCKET_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1),  # once, at once: a pooled connection the server closed
         )
         self.connected = False
         self.problem = "not connected yet"
@@ -100,6 +101,7 @@ class Link:
     async def connect(self, on_up: Callable[[], Awaitable[None]]) -> bool:
         """One try: PING, then `on_up` (resync); True once the link may be used."""
         try:
+            await self.client.connection_pool.disconnect()  # none of the old connections, after a restart of Redis
             await self.client.ping()
             await on_up()
         except REDIS_ERRORS as error:

@@ -262,6 +262,8 @@ class Proxy:
 
     def _all_breakers_open(self, model: str, routable: list[Server], excluded: set[str]) -> ProxyError:
         blocked = [server for server in routable if server.url not in excluded]
+        if not blocked:  # every server that may take it already failed this very request
+            return ProxyError(502, f"Every server for `{model}` failed this request; see the request log", headers={"Retry-After": RETRY_AFTER_S})
         wait = self.breakers.retry_after(blocked, time.monotonic())
         return ProxyError(
             503, f"Every server for `{model}` is failing (circuit breaker open); retry in {wait} s", headers={"Retry-After": str(wait)}

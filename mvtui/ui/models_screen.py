@@ -21,7 +21,7 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Grid, Vertical
 from textual.markup import escape
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Static
@@ -35,6 +35,8 @@ from mvtui.ui.actions import CoreActions
 from mvtui.ui.panels import Palette
 
 COLUMNS = ("model", "kind", "size", "revision", "downloaded", "instances")
+NARROW_COLUMNS = ("model", "instances", "size", "kind")  # below WIDE_MIN_WIDTH: what matters most first
+WIDE_MIN_WIDTH = 120
 GIB = 1024**3
 RunCommand = Callable[[str, Callable[[], Any]], Awaitable[None]]  # the dashboard's: a notification either way
 
@@ -93,16 +95,18 @@ def instances_cell(users: Sequence[Instance], palette: Palette) -> Text:
     return Text(", ").join(parts)
 
 
-def model_cells(model: CachedModel, users: Sequence[Instance], palette: Palette) -> tuple[Text, ...]:
+def model_cells(model: CachedModel, users: Sequence[Instance], palette: Palette, columns: Sequence[str] = COLUMNS) -> list[Text]:
+    """The row's cells, for `columns`."""
     muted = palette.muted
-    return (
-        Text(model.repo_id, style=f"bold {palette.text}"),
-        Text(model.kind, style=palette.text if model.kind == "generation" else muted),
-        Text(size_text(model.size), justify="right"),
-        Text(revision_text(model), style=muted),
-        Text(day_text(model.revision.downloaded), style=muted),
-        instances_cell(users, palette),
-    )
+    cells = {
+        "model": Text(model.repo_id, style=f"bold {palette.text}"),
+        "kind": Text(model.kind, style=palette.text if model.kind == "generation" else muted),
+        "size": Text(size_text(model.size), justify="right"),
+        "revision": Text(revision_text(model), style=muted),
+        "downloaded": Text(day_text(model.revision.downloaded), style=muted),
+        "instances": instances_cell(users, palette),
+    }
+    return [cells[column] for column in columns]
 
 
 def summary_text(listing: CacheListing, palette: Palette) -> Text:
@@ -112,7 +116,7 @@ def summary_text(listing: CacheListing, palette: Palette) -> Text:
     if not listing.models:
         return Text(f"no models in the Hugging Face cache at {listing.folder}: `mvtui pull MODEL` downloads one", style=palette.muted)
     total = sum(model.size for model in listing.models)
-    lines = [f"{panels.plural(len(listing.models), 'model')}, {size_text(total)} in {listing.folder}"]
+    lines = [f"{panels.plural(len(listing.models), 'model')}, {size_text(total)}"]
     if listing.incomplete_files:
         lines.append(f"interrupted downloads left {size_text(listing.incomplete_bytes)} in {listing.incomplete_files} .incomplete file(s)")
     lines += list(listing.warnings)
@@ -174,11 +178,8 @@ class ModelsScreen(ModalScreen[None]):
     def on_mount(self) -> None:
         box = self.query_one("#models-box")
         box.border_title = "models in the Hugging Face cache"
-        box.border_subtitle = "Enter: add an [[instances]] entry and start it · r: read again · Esc closes"
-        table = self.query_one(DataTable)
-        for column in COLUMNS:
-            table.add_column(column, key=column)
-        table.focus()
+        box.border_subtitle = "Enter: add an instance and start it · r: read again · Esc: close"
+        self.query_one(DataTable).focus()
         self.action_rescan()
         self.set_interval(1.0, self.show_instances, name="models refresh")
 
@@ -197,22 +198,41 @@ class ModelsScreen(ModalScreen[None]):
             self.listing, self.problem = listing, None
         self.show()
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return COLUMNS if self.app.size.width >= WIDE_MIN_WIDTH else NARROW_COLUMNS
+
+    def on_resize(self) -> None:
+        table = self.query_one(DataTable)
+        if self.listing is not None and tuple(str(key.value) for key in table.columns) != self.columns:
+            self.show()
+
     def show(self) -> None:
+        """The table from the listing, in the columns that fit; the cursor stays on its model."""
         palette = self.context.palette()
         head = self.query_one("#models-head", Static)
         table = self.query_one(DataTable)
-        table.clear()
+        chosen = self._chosen_model(table)
+        table.clear(columns=True)
+        table.add_columns(*((column, column) for column in self.columns))
         self._users.clear()
         if self.listing is None:
             head.update(Text(self.problem or "", style=palette.down))
             return
         head.update(Text(f"cache: {self.listing.folder}", style=palette.muted))
         for model in self.listing.models:
-            cells = model_cells(model, users_of(model, self._instances()), palette)
-            self._users[model.repo_id] = cells[-1]
-            table.add_row(*cells, key=model.repo_id)
+            users = users_of(model, self._instances())
+            self._users[model.repo_id] = instances_cell(users, palette)
+            table.add_row(*model_cells(model, users, palette, self.columns), key=model.repo_id)
+        if chosen is not None and chosen in table.rows:
+            table.move_cursor(row=table.get_row_index(chosen))
         self.query_one("#models-summary", Static).update(summary_text(self.listing, palette))
         self.show_instances()
+
+    def _chosen_model(self, table: DataTable) -> str | None:
+        if not table.row_count:
+            return None
+        return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
 
     # --- live: who uses each model, and starts under way ---------------------------------------
 
@@ -231,7 +251,10 @@ class ModelsScreen(ModalScreen[None]):
             if cell != self._users.get(model.repo_id):
                 self._users[model.repo_id] = cell
                 table.update_cell(model.repo_id, "instances", cell, update_width=True)
-        self.query_one("#models-progress", Static).update(progress_text(instances, palette))
+        progress = progress_text(instances, palette)
+        shown = self.query_one("#models-progress", Static)
+        shown.display = bool(progress.plain)
+        shown.update(progress)
 
     # --- Enter: a new [[instances]] entry, started ---------------------------------------------
 
@@ -291,17 +314,23 @@ class InstanceForm(ModalScreen[dict[str, Any] | None]):
                 "written to the config file; then mvtui starts it."
             )
             yield Static(escape(self.hint), classes="form-hint")
-            yield Static("name", classes="form-label")
-            yield Input(value=self.name_given, placeholder="the entry's name", id="instance-name")
-            yield Static("devices: GPU indices (CUDA_VISIBLE_DEVICES)", classes="form-label")
-            yield Input(placeholder="0,1  (empty: GPU 0)", id="instance-devices")
-            yield Static("memory share: of each GPU's memory, for vLLM (gpu_memory_utilization)", classes="form-label")
-            yield Input(value="0.85", placeholder="0.85", id="instance-memory")
+            with Grid(id="instance-fields"):
+                yield Static("name", classes="form-label")
+                yield Input(value=self.name_given, placeholder="the entry's name", id="instance-name", compact=True)
+                yield Static("devices", classes="form-label")
+                yield Input(placeholder="GPU indices: 0,1 (empty: GPU 0)", id="instance-devices", compact=True)
+                yield Static("memory share", classes="form-label")
+                yield Input(value="0.85", placeholder="of each GPU's memory: 0.85", id="instance-memory", compact=True)
+            yield Static(
+                "devices: CUDA_VISIBLE_DEVICES · memory share: vLLM's gpu_memory_utilization, the share of each GPU it takes",
+                classes="form-hint",
+            )
             yield Static(id="instance-error")
-            yield Static("[b]Enter[/b]: next field, on the last one add and start · [b]Esc[/b] cancels", classes="form-hint")
 
     def on_mount(self) -> None:
-        self.query_one("#instance-box").border_title = "add an instance"
+        box = self.query_one("#instance-box")
+        box.border_title = "add an instance"
+        box.border_subtitle = "Enter: next field, on the last one add and start · Esc: cancel"
         self.query_one("#instance-devices", Input).focus()
 
     @on(Input.Submitted)

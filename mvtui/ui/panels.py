@@ -307,6 +307,8 @@ def cluster_line(
         _count_part(summary.errors, "err" if compact else "error", palette.down, palette),
         _count_part(summary.retries, "retry", palette.busy, palette),
     ]
+    if summary.queued:
+        parts.append(Text.assemble((str(summary.queued), f"bold {palette.busy}"), (" queued", palette.muted)))
     if not compact:
         parts.insert(3, Text.assemble((str(summary.in_flight), f"bold {palette.text}"), (" in flight", palette.muted)))
     line = Text(no_wrap=True, overflow="ellipsis")
@@ -392,10 +394,25 @@ def _compact_body(server: Server, width: int, palette: Palette) -> Text:
         (duration(server.stats.ttft_p50), palette.text),
         no_wrap=True,
     )
-    lines = [first, second]
+    lines = [first, second, *_router_view(server, palette)]
     if server.last_error:
         lines.append(_error_line(server, width, palette))
     return LINES.join(line[:width] if line.cell_len > width else line for line in lines)
+
+
+def _router_view(server: Server, palette: Palette) -> list[Text]:
+    """What the router knows beyond the server's own numbers: its breaker, and that it has
+    no /metrics (so the zeros above are not readings: load comes from requests in flight)."""
+    lines = []
+    state = server.breaker_state
+    if state == "open":
+        wait = server.breaker.retry_in(time.monotonic())
+        lines.append(Text.assemble(("breaker ", palette.muted), (f"open, retry in {wait:.0f} s", f"bold {palette.down}")))
+    elif state == "half-open":
+        lines.append(Text.assemble(("breaker ", palette.muted), ("half-open (probing)", f"bold {palette.busy}")))
+    if server.has_metrics is False:
+        lines.append(Text.assemble(("no metrics", f"bold {palette.muted}"), (" from this server: load from requests in flight", palette.muted)))
+    return lines
 
 
 def _error_line(server: Server, width: int, palette: Palette) -> Text:
@@ -460,6 +477,7 @@ def _detailed_body(server: Server, width: int, palette: Palette) -> Text:
             ),
         ),
     ]
+    rows += [("router", line) for line in _router_view(server, palette)]
     if server.last_error:
         rows.append(("last error", Text(_fit(server.last_error, value_width), style=palette.down if not server.is_up else palette.muted)))
     lines = []
