@@ -520,7 +520,7 @@ def test_the_top_line_counts_rates_only_of_servers_being_scraped(tmp_path: Path)
     assert summary.request_rate == small.stats.request_rate.latest
     assert summary.token_rate == small.stats.token_rate.latest
     big = server_of(services, "big")
-    assert panels.current_rates(big) == (0.0, 0.0) and panels.current_rates(small)[0] > 0
+    assert big.current_rates() == (0.0, 0.0) and small.current_rates()[0] > 0
 
 
 def server_of(services: FrozenCore, name: str) -> Server:

@@ -97,6 +97,13 @@ async def asked(pilot) -> None:  # type: ignore[no-untyped-def]
     await pilot.press("1", "enter")
     pilot.app.screen.query_one("#instance-memory", Input).value = "1.5"
     await pilot.press("enter")
+    steady_cursor(pilot)
+
+
+def steady_cursor(pilot) -> None:  # type: ignore[no-untyped-def]
+    """The text cursor shown and not blinking, so that no picture catches it off."""
+    for field in pilot.app.screen.query(Input):
+        field.cursor_blink = False
 
 
 def test_instance_form_with_a_problem(snap_compare) -> None:  # type: ignore[no-untyped-def]
@@ -114,6 +121,7 @@ def test_chat_screen(snap_compare) -> None:  # type: ignore[no-untyped-def]
     async def chatting(pilot) -> None:  # type: ignore[no-untyped-def]
         await settle(pilot)
         await pilot.press("c", *"What about Spain?")
+        steady_cursor(pilot)
         await pilot.pause(0.1)
 
     assert snap_compare(app, terminal_size=(100, 30), run_before=chatting)

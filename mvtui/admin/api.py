@@ -16,7 +16,7 @@ from aiohttp import web
 
 from mvtui import __version__
 from mvtui.admin.passthrough import Passthrough
-from mvtui.cluster.state import RateHistory, Server
+from mvtui.cluster.state import Server
 from mvtui.config.entries import EntryError, instance_entry
 from mvtui.config.schema import InstanceConfig
 from mvtui.control.operator import Operator, Outcome
@@ -128,8 +128,8 @@ class AdminApi:
             "kind": "local" if instance else "remote",
             "instance": instance.label if instance else None,
             "pid": instance.pid if instance else None,
-            "request_rate": _rate_now(server, server.stats.request_rate),
-            "token_rate": _rate_now(server, server.stats.token_rate),
+            "request_rate": round(server.current_rates()[0], 3),
+            "token_rate": round(server.current_rates()[1], 3),
         }
 
     def _server(self, request: web.Request) -> Server:
@@ -307,15 +307,6 @@ class AdminApi:
             except CommandError as error:
                 raise NotFound(str(error)) from None
         return await self.passthrough.relay(request, server, "/" + request.match_info["path"])
-
-
-def _rate_now(server: Server, history: RateHistory, samples: int = 4) -> float:
-    """Per second now, as the dashboard reads it: the mean of the last few scrapes' rates;
-    0 for a server that is down or asleep (it is not scraped, its history is not now)."""
-    window = list(history.values)[-samples:]
-    if not server.is_up or server.asleep or not window:
-        return 0.0
-    return round(sum(window) / len(window), 3)
 
 
 def _flag(value: Any, name: str) -> bool:

@@ -98,6 +98,11 @@ class RateHistory:
     def latest(self) -> float:
         return self.values[-1] if self.values else 0.0
 
+    def recent(self, samples: int = 4) -> float:
+        """The mean of the last few per-scrape rates: one scrape interval alone is too jumpy to read."""
+        window = list(self.values)[-samples:]
+        return sum(window) / len(window) if window else 0.0
+
 
 @dataclass
 class ServerStats:
@@ -191,6 +196,13 @@ class Server:
     @property
     def waiting(self) -> float:
         return self.metrics.waiting
+
+    def current_rates(self) -> tuple[float, float]:
+        """Requests/s and tokens/s now; a server that is down or asleep is not scraped, so its
+        history (still drawn in the sparklines) says nothing about now."""
+        if not self.is_up or self.asleep:
+            return 0.0, 0.0
+        return self.stats.request_rate.recent(), self.stats.token_rate.recent()
 
     @property
     def has_metrics(self) -> bool | None:

@@ -138,6 +138,7 @@ class Services:
         self.fleet = await self._start_fleet(control)  # the fleet's overlay, read before any traffic
         self._operator = Operator(self.cluster, self.live, control, instances, self.fleet.overlay if self.fleet else None)
         self.proxy = Proxy(self.cluster, session, lambda: self.config, self.chooser, self.metrics, make_available=control.make_available)
+        self.on_stop(self.proxy.admission.close)  # its timer and the wakes queued requests wait for
         await self._serve()
         if self.fleet is not None:
             self.fleet.begin(*self._replica_identity())

@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mvtui.cluster.state import Server
-from mvtui.ui.panels import current_rates
 
 WINDOW_S = 600.0
 PERIOD_S = 2.0
@@ -45,7 +44,7 @@ def sample_of(server: Server, at: float) -> Sample:
         waiting=server.waiting if awake else 0.0,
         kv_percent=usage * 100 if awake and usage is not None else 0.0,
         ttft_ms=ttft * 1000 if ttft is not None else 0.0,
-        tokens_per_s=current_rates(server)[1],
+        tokens_per_s=server.current_rates()[1],
     )
 
 

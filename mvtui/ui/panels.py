@@ -144,20 +144,6 @@ def bar(fraction: float | None, width: int, palette: Palette) -> Text:
     return text
 
 
-def recent(values: Sequence[float], samples: int = 4) -> float:
-    """The mean of the last few per-scrape rates: one scrape interval alone is too jumpy to read."""
-    window = list(values)[-samples:]
-    return sum(window) / len(window) if window else 0.0
-
-
-def current_rates(server: Server) -> tuple[float, float]:
-    """Requests/s and tokens/s now; a server that is down or asleep is not scraped, so its
-    history (still drawn in the sparklines) says nothing about now."""
-    if not server.is_up or server.asleep:
-        return 0.0, 0.0
-    return recent(server.stats.request_rate.values), recent(server.stats.token_rate.values)
-
-
 def rate(value: float) -> str:
     if value >= 10_000:
         return f"{value / 1000:.0f}k"
@@ -382,7 +368,7 @@ def _compact_body(server: Server, width: int, palette: Palette) -> Text:
     first.append(" " * max(2, width - len(models) - fields.cell_len))
     first.append_text(fields)
     spark_width = max(4, min(16, (width - 46) // 2))
-    requests_now, tokens_now = current_rates(server)
+    requests_now, tokens_now = server.current_rates()
     second = Text.assemble(
         ("req/s ", palette.muted),
         (f"{rate(requests_now):>5} ", palette.text),
@@ -428,7 +414,7 @@ def _detailed_body(server: Server, width: int, palette: Palette) -> Text:
     stats = server.stats
     busy = server.running / server.capacity if server.capacity else None
     spark_width = max(8, value_width - 7)
-    requests_now, tokens_now = current_rates(server)
+    requests_now, tokens_now = server.current_rates()
     rows = [
         ("models", Text(_fit(", ".join(server.models) or "none yet", value_width), style=f"bold {palette.text}")),
         (
