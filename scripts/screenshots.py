@@ -11,7 +11,9 @@ whose memory follows the demo's load), set up below and said so in the README; t
 "no GPU" view shows what this machine's NVML really answers. The details screen's plots
 are sampled every 0.25 s here instead of every 2 s, so that the warm-up fills them (their
 title says how long they cover). The config error is a real broken file, read by a real
-mvtui over two simulated servers.
+mvtui over two simulated servers. The Models screen reads a Hugging Face cache laid out in a
+scratch folder (sparse files: the sizes without the bytes) through HF_HUB_CACHE, with one
+instance added live; the chat screen talks to the demo's "small" server through the router.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import importlib.util
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -38,11 +41,29 @@ from mvtui.paths import AppPaths  # noqa: E402
 from mvtui.sim.config import SimConfig  # noqa: E402
 from mvtui.sim.server import SimServer  # noqa: E402
 from mvtui.ui.app import Dashboard, create_app  # noqa: E402
+from mvtui.ui.chat_screen import ChatScreen  # noqa: E402
 from mvtui.ui.history import MetricsHistory  # noqa: E402
+from mvtui.ui.models_screen import ModelsScreen  # noqa: E402
+from tests.hf_cache import CHAT_CONFIG, EMBED_CONFIG, CachedRepo, build_cache  # noqa: E402
 
 GIB = 1024**3
+MIB = 1024**2
 WIDE = (160, 48)
 SMALL = (80, 24)
+CACHE = (
+    CachedRepo("BAAI/bge-m3", EMBED_CONFIG, {"modules.json": 349, "model.safetensors": int(2.1 * GIB), "tokenizer.json": 17 * MIB}),
+    CachedRepo(
+        "meta-llama/Llama-3.1-8B-Instruct", CHAT_CONFIG, {f"model-0000{n}-of-00004.safetensors": int(3.75 * GIB) for n in range(1, 5)}
+    ),
+    CachedRepo(
+        "Qwen/Qwen2.5-0.5B-Instruct", {"architectures": ["Qwen2ForCausalLM"]}, {"model.safetensors": 942 * MIB, "tokenizer.json": 7 * MIB}
+    ),
+    CachedRepo(
+        "Qwen/Qwen2.5-7B-Instruct",
+        {"architectures": ["Qwen2ForCausalLM"]},
+        {f"model-0000{n}-of-00004.safetensors": int(3.8 * GIB) for n in range(1, 5)},
+    ),
+)
 
 
 @dataclass
@@ -159,6 +180,8 @@ async def shoot(out: Path, warmup: float, paths: AppPaths) -> list[Path]:
             await shooter.take(app, pilot, f"theme-{app.theme}")
         await pilot.press("t")  # back to the first theme
 
+        await shoot_models_and_chat(app, pilot, shooter)
+
         real = GpuProbe()
         await wait_for_gpu_reading(app, real if not (await real.sample()).available else GpuProbe(NoDriver()))
         await pilot.resize_terminal(100, 30)
@@ -171,6 +194,37 @@ async def shoot(out: Path, warmup: float, paths: AppPaths) -> list[Path]:
             await asyncio.sleep(0.1)
     await shoot_config_error(shooter, paths)
     return shooter.svgs
+
+
+async def shoot_models_and_chat(app: Dashboard, pilot, shooter: Shooter) -> None:  # type: ignore[no-untyped-def]
+    """The Models screen with one instance added live (no config file in demo mode), then a
+    chat with the demo's first server: one answer streamed in full, the next question typed."""
+    assert app.core is not None and app.core.operator is not None
+    await app.core.operator.add_instance({"model": "Qwen/Qwen2.5-0.5B-Instruct", "name": "qwen-small", "devices": [1]})
+    await pilot.resize_terminal(140, 30)
+    await pilot.press("M")
+    screen = app.screen
+    while not isinstance(screen, ModelsScreen) or screen.listing is None:
+        await asyncio.sleep(0.05)
+    await pilot.press("down", "down")
+    await shooter.take(app, pilot, "models")
+    await pilot.press("escape")
+
+    await pilot.resize_terminal(120, 30)
+    while app.selected_server is None or app.selected_server.name != "small":
+        await pilot.press("down")
+    await pilot.press("c", *"Write a haiku about GPUs running hot.")
+    chat = app.screen
+    assert isinstance(chat, ChatScreen)
+    await chat.query_one("#chat-input").action_submit()  # not press: it would wait for the answer to end
+    while not chat.context.conversation.turns:
+        await asyncio.sleep(0.1)
+    await pilot.press(*"Another one, about KV caches")
+    for typed in chat.query("Input"):
+        typed.cursor_blink = False  # type: ignore[attr-defined]
+    await shooter.take(app, pilot, "chat")
+    await pilot.press("escape")
+    await pilot.resize_terminal(*WIDE)
 
 
 CONFIG = """[router]
@@ -246,6 +300,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mvtui-shots-") as scratch:
         base = Path(scratch)
         paths = AppPaths(config_dir=base / "config", log_dir=base / "log", state_dir=base / "state")
+        os.environ["HF_HUB_CACHE"] = str(build_cache(base / "hf-hub", list(CACHE), modified=time.time() - 3 * 86400))
         svgs = asyncio.run(shoot(options.out, options.warmup, paths))
     converter = png_converter()
     if converter is None:

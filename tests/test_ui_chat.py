@@ -69,7 +69,7 @@ async def test_a_chat_streams_through_the_router_and_keeps_the_conversation(tmp_
         await answered(screen, 1)
         first = screen.context.conversation.turns[1]["content"]
         assert first.startswith(partial) and len(first) > len(partial), "the answer came in pieces"
-        assert transcript(screen)[:2] == [("user", "you  hello"), ("assistant", f"{MODEL}  {first}")]
+        assert transcript(screen)[:2] == [("user", "you  hello"), ("assistant", f"{MODEL}  {first.lstrip()}")]
         assert transcript(screen)[2][0] == "note" and "30 tokens" in transcript(screen)[2][1]
 
         await ask(pilot, screen, "and again")

@@ -270,7 +270,7 @@ class Dashboard(App[None]):
             summary = core.cluster.summary()
             router = core.router_url if core.router_port is not None else None
             counts = panels.server_counts(core.cluster)
-            bar.set_text(panels.cluster_line(summary, router, palette, self.size.width - 2, self._note(summary.in_flight), counts))
+            bar.set_text(panels.cluster_line(summary, router, palette, self.size.width - 2, self._note(summary.in_flight), counts, core.cluster.fleet))
             self._apply_keys(core.config.ui.keys)
             self._show_problems(core, palette)
             self._show_servers(palette)
@@ -285,8 +285,9 @@ class Dashboard(App[None]):
         admin = core.admin
         problem = admin.problem if admin is not None else None
         reload_key = keymap.key_label(self.keys["reload"][0])
-        key = (str(core.config_error), problem, palette, reload_key)
-        banner = lambda: panels.problems_banner(core.config_error, problem, palette, reload_key)  # noqa: E731
+        fleet = core.cluster.fleet
+        key = (str(core.config_error), problem, palette, reload_key, fleet.degraded if fleet else None, fleet.problem if fleet else None)
+        banner = lambda: panels.problems_banner(core.config_error, problem, palette, reload_key, fleet)  # noqa: E731
         self._banner.show(key, banner, error=core.config_error is not None)
         for notice in self._notices.changes(core.config_error, admin):
             self.notify(escape(notice.message), title=notice.title, severity=notice.severity, timeout=notice.timeout)

@@ -120,7 +120,7 @@ class ChatScreen(ModalScreen[None]):
         if role == "user":
             return Text.assemble(("you  ", f"bold {palette.accent}"), (text, palette.text))
         if role == "assistant":
-            return Text.assemble((f"{self.context.model}  ", f"bold {palette.starting}"), (text, palette.text))
+            return Text.assemble((f"{self.context.model}  ", f"bold {palette.starting}"), (text.lstrip(), palette.text))
         if role == "error":
             return Text(text, style=f"bold {palette.down}")
         return Text(text, style=palette.muted)

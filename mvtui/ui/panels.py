@@ -16,6 +16,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from mvtui.cluster.fleet_status import FleetStatus
 from mvtui.cluster.state import ClusterEvent, ClusterSummary, Health, RequestRecord, Server
 from mvtui.config.schema import InstanceConfig, ServerConfig
 from mvtui.errors import ConfigError
@@ -281,6 +282,7 @@ def cluster_line(
     width: int,
     note: str = "",
     counts: Mapping[str, int] | None = None,
+    fleet: FleetStatus | None = None,
 ) -> Text:
     """The line on top: servers up, asleep and down, rates, errors, retries, the router's address."""
     compact = width < 110
@@ -295,6 +297,8 @@ def cluster_line(
     ]
     if summary.queued:
         parts.append(Text.assemble((str(summary.queued), f"bold {palette.busy}"), (" queued", palette.muted)))
+    if fleet is not None:
+        parts.append(fleet_part(fleet, palette))
     if not compact:
         parts.insert(3, Text.assemble((str(summary.in_flight), f"bold {palette.text}"), (" in flight", palette.muted)))
     line = Text(no_wrap=True, overflow="ellipsis")
@@ -313,6 +317,13 @@ def cluster_line(
             line.append("router ", style=palette.muted)
         line.append(address, style=f"underline {palette.text}")
     return line
+
+
+def fleet_part(fleet: FleetStatus, palette: Palette) -> Text:
+    """`fleet r2 · 3 replicas`, or that Redis is away (then this replica works on its own)."""
+    if fleet.degraded:
+        return Text.assemble(("fleet ", palette.muted), (f"{fleet.name} · Redis away", f"bold {palette.busy}"))
+    return Text.assemble(("fleet ", palette.muted), (f"{fleet.name} · {plural(len(fleet.replicas), 'replica')}", f"bold {palette.text}"))
 
 
 def _count_part(number: int, noun: str, alarm: str, palette: Palette) -> Text:
@@ -661,10 +672,13 @@ def key_bar(keys: Sequence[tuple[str, str, bool]], width: int, palette: Palette)
 # --- the banner under the top line: what is broken now ----------------------------------------
 
 
-def problems_banner(config_error: ConfigError | None, admin_problem: str | None, palette: Palette, reload_key: str = "r") -> Table | None:
-    """A broken config file (its path and every problem) and an admin API that is off, each in
-    full and wrapped; None when nothing is wrong."""
-    if config_error is None and admin_problem is None:
+def problems_banner(
+    config_error: ConfigError | None, admin_problem: str | None, palette: Palette, reload_key: str = "r", fleet: FleetStatus | None = None
+) -> Table | None:
+    """A broken config file (its path and every problem), an admin API that is off and a fleet
+    whose Redis is away, each in full and wrapped; None when nothing is wrong."""
+    fleet_away = fleet is not None and fleet.degraded
+    if config_error is None and admin_problem is None and not fleet_away:
         return None
     grid = Table.grid(padding=(0, 1), expand=True)
     grid.add_column(no_wrap=True, width=1)
@@ -677,7 +691,18 @@ def problems_banner(config_error: ConfigError | None, admin_problem: str | None,
             Text("!", style=f"bold {palette.busy}"),
             Text.assemble(("admin API off: ", f"bold {palette.busy}"), (admin_problem, palette.text)),
         )
+    if fleet is not None and fleet.degraded:
+        grid.add_row(Text("!", style=f"bold {palette.busy}"), fleet_away_text(fleet, palette))
     return grid
+
+
+def fleet_away_text(fleet: FleetStatus, palette: Palette) -> Text:
+    since = clock_time(fleet.since) if fleet.since else "now"
+    return Text.assemble(
+        (f"Redis {fleet.redis} unreachable since {since}", f"bold {palette.busy}"),
+        (f" ({fleet.problem})" if fleet.problem else "", palette.text),
+        (": routing on the last known shared state; drain, capacity, sleep and wake are refused until it is back", palette.text),
+    )
 
 
 def config_error_head(error: ConfigError, palette: Palette, reload_key: str = "r") -> Text:
