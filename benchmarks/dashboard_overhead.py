@@ -36,9 +36,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -86,7 +86,9 @@ class Processes:
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
         log = self.scratch / f"{name}.log"
         with log.open("wb") as out:
-            popen = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            popen = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         proc = Proc(name, popen, log)
         self.running.append(proc)
         return proc
@@ -234,7 +236,9 @@ def measure(name: str, procs: Processes, sims: list[str], config: Path, args: ar
                     into.cpu_ms_per_request.append(1000 * used / served)
                 if proc.terminal is not None:
                     into.screen_kib_per_s.append((proc.screen_bytes[0] - screen_before) / 1024 / wall)
-            print(f"  {name:9} {result['rps']:8.1f} req/s  p50 {result['p50_ms']} ms  errors {result['errors']}", file=sys.stderr, flush=True)
+            print(
+                f"  {name:9} {result['rps']:8.1f} req/s  p50 {result['p50_ms']} ms  errors {result['errors']}", file=sys.stderr, flush=True
+            )
 
 
 def report(results: dict[str, Measured], ratios: list[float], loads: tuple[float, float], args: argparse.Namespace) -> str:
@@ -256,7 +260,9 @@ def report(results: dict[str, Measured], ratios: list[float], loads: tuple[float
         cpu = f"{statistics.median(found.cpu_share):.2f}" if found.cpu_share else "–"
         screen = f"{statistics.median(found.screen_kib_per_s):.0f} KiB/s" if found.screen_kib_per_s else "–"
         per_request = f"{statistics.median(found.cpu_ms_per_request):.3f} ms" if found.cpu_ms_per_request else "–"
-        lines.append(f"| {name} | {median[name]:.1f} | {median[name] / median['direct']:.2f} | {cpu} | {per_request} | {screen} | {found.errors} |")
+        lines.append(
+            f"| {name} | {median[name]:.1f} | {median[name] / median['direct']:.2f} | {cpu} | {per_request} | {screen} | {found.errors} |"
+        )
     verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
     spread = ", ".join(f"{value:.2f}" for value in ratios)
     lines += [

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aiohttp

@@ -74,12 +74,14 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: bytes, str
     return time.perf_counter() - started, first
 
 
-async def worker(session: aiohttp.ClientSession, urls: itertools.cycle, body: bytes, stream: bool, window: Window, samples: Samples) -> None:
+async def worker(
+    session: aiohttp.ClientSession, urls: itertools.cycle, body: bytes, stream: bool, window: Window, samples: Samples
+) -> None:
     while time.perf_counter() < window.end:
         url = next(urls)
         try:
             latency, ttft = await one_request(session, url, body, stream)
-        except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as error:
+        except (TimeoutError, aiohttp.ClientError, RuntimeError) as error:
             if window.counts(time.perf_counter()):
                 samples.error(f"{type(error).__name__}: {error}")
             continue

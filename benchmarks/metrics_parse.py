@@ -19,9 +19,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -72,7 +72,22 @@ def sampled_page() -> str:
     """A /metrics page from a simulator that is still busy with requests when it is read."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "mvtui", "sim", "--port", str(port), "--model", "bench", "--max-num-seqs", "64", "--tokens-per-s", "2000", "--ttft-ms", "5"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mvtui",
+        "sim",
+        "--port",
+        str(port),
+        "--model",
+        "bench",
+        "--max-num-seqs",
+        "64",
+        "--tokens-per-s",
+        "2000",
+        "--ttft-ms",
+        "5",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -45,9 +45,9 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -177,7 +177,9 @@ def plan_targets(wanted: list[str], compare: Path | None) -> list[Target]:
     why_not = {
         "mvtui+uvloop": no_uvloop,
         "aiohttp-floor+uvloop": no_uvloop,
-        "vllm-router": None if vllm_router_version() else f"not available: {VLLM_ROUTER.relative_to(REPO)} missing (see this file's docstring)",
+        "vllm-router": None
+        if vllm_router_version()
+        else f"not available: {VLLM_ROUTER.relative_to(REPO)} missing (see this file's docstring)",
     }
     targets = [Target(name, why_not.get(name)) for name in wanted]
     if compare is not None:  # another checkout of mvtui, e.g. `git worktree add /tmp/before HEAD~1`
@@ -188,7 +190,9 @@ def plan_targets(wanted: list[str], compare: Path | None) -> list[Target]:
 def mvtui_config(logs: Path, sims: list[str]) -> Path:
     entries = ",\n".join(f'  {{ url = "{url}", max_concurrent_requests = 512 }}' for url in sims)
     path = logs / "mvtui-bench.toml"
-    path.write_text(f"[servers]\nservers = [\n{entries}\n]\n\n[config]\nmetrics_interval = 0.5\n\n[admin]\nport = 0  # any free port: no clash with another mvtui\n")
+    path.write_text(
+        f"[servers]\nservers = [\n{entries}\n]\n\n[config]\nmetrics_interval = 0.5\n\n[admin]\nport = 0  # any free port: no clash with another mvtui\n"
+    )
     return path
 
 
@@ -219,17 +223,42 @@ def start_target(target: Target, procs: Processes, sims: list[str]) -> Running:
     port = free_port()
     if target.name.startswith("mvtui"):
         loop = "uvloop" if target.name.endswith("+uvloop") else "asyncio"
-        argv = [sys.executable, "-m", "mvtui", "--no-ui", "--config", str(mvtui_config(procs.logs, sims)), "--port", str(port), "--host", "127.0.0.1"]
+        argv = [
+            sys.executable,
+            "-m",
+            "mvtui",
+            "--no-ui",
+            "--config",
+            str(mvtui_config(procs.logs, sims)),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ]
         entry = procs.start(target.name, argv, child_env(procs.logs, {"MVTUI_LOOP": loop}, target.source), cwd=target.source)
         check = mvtui_sees_both
     elif "-floor" in target.name:
         relay = target.name.split("-floor")[0]
-        argv = [sys.executable, str(HERE / "floor_relays.py"), relay, "--port", str(port)] + [part for url in sims for part in ("--upstream", url)]
+        argv = [sys.executable, str(HERE / "floor_relays.py"), relay, "--port", str(port)] + [
+            part for url in sims for part in ("--upstream", url)
+        ]
         argv += ["--uvloop"] if target.name.endswith("+uvloop") else []
         entry = procs.start(target.name, argv, child_env(procs.logs, {}))
         check = answers_completion
     else:
-        argv = [str(VLLM_ROUTER), "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin", "--worker-urls", *sims, "--log-level", "warning"]
+        argv = [
+            str(VLLM_ROUTER),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--policy",
+            "round_robin",
+            "--worker-urls",
+            *sims,
+            "--log-level",
+            "warning",
+        ]
         entry = procs.start(target.name, argv, child_env(procs.logs, {}))
         check = answers_completion
     url = f"http://127.0.0.1:{port}"
@@ -271,7 +300,7 @@ def summarize_profile(raw: Path, name: str, top: int = 25) -> None:
     lines += ["", "## inclusive time"]
     lines += [f"{100 * n / total:5.1f}%  {frame}" for frame, n in inclusive.most_common(top)]
     (RESULTS / f"profile-{name.replace('+', '-')}-top.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:top // 2 + 3]), file=sys.stderr)
+    print("\n".join(lines[: top // 2 + 3]), file=sys.stderr)
 
 
 # -- measuring -------------------------------------------------------------------------
@@ -322,7 +351,17 @@ def percentile(values: list[float], share: float) -> float | None:
 
 
 def measure(urls: list[str], mode: str, concurrency: int, args: argparse.Namespace) -> dict:
-    argv = [sys.executable, str(HERE / "load.py"), "--raw", "--concurrency", str(concurrency), "--duration", str(args.duration), "--warmup", str(args.warmup)]
+    argv = [
+        sys.executable,
+        str(HERE / "load.py"),
+        "--raw",
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+    ]
     argv += ["--max-tokens", str(args.max_tokens), "--model", MODEL] + [part for url in urls for part in ("--url", url)]
     if mode == "stream":
         argv.append("--stream")
@@ -449,12 +488,16 @@ def target_checks(cells: list[Cell]) -> list[str]:
             continue
         if "-floor" in cell.target and cell.concurrency == 32:
             on = "on aiohttp" if cell.target.startswith("aiohttp") else "passing bytes through asyncio protocols"
-            lines.append(f"- {cell.target} {cell.mode} c=32: {100 * result['rps'] / base['rps']:.0f}% of direct: the ceiling for a relay {on} here")
+            lines.append(
+                f"- {cell.target} {cell.mode} c=32: {100 * result['rps'] / base['rps']:.0f}% of direct: the ceiling for a relay {on} here"
+            )
         if not cell.target.startswith("mvtui"):
             continue
         if cell.concurrency == 32:
             ratio, goal = result["rps"] / base["rps"], MIN_RATIO[cell.mode]
-            lines.append(f"- {cell.target} {cell.mode} c=32: {100 * ratio:.0f}% of direct (target ≥ {100 * goal:.0f}%): {'met' if ratio >= goal else 'NOT met'}")
+            lines.append(
+                f"- {cell.target} {cell.mode} c=32: {100 * ratio:.0f}% of direct (target ≥ {100 * goal:.0f}%): {'met' if ratio >= goal else 'NOT met'}"
+            )
         if cell.concurrency == 1 and cell.mode == "plain":
             p50, p99 = result["p50_ms"] - base["p50_ms"], result["p99_ms"] - base["p99_ms"]
             met = p50 < MAX_ADDED_P50_MS and p99 < MAX_ADDED_P99_MS
@@ -462,7 +505,11 @@ def target_checks(cells: list[Cell]) -> list[str]:
                 f"- {cell.target} plain c=1: added p50 {p50:+.2f} ms (target < {MAX_ADDED_P50_MS:g}), "
                 f"added p99 {p99:+.2f} ms (target < {MAX_ADDED_P99_MS:g}): {'met' if met else 'NOT met'}"
             )
-    errors = [f"- {c.target} {c.mode} c={c.concurrency}: {s['errors']} errors, e.g. {s['error_samples'][:2]}" for c in cells if (s := c.summary()) and s["errors"]]
+    errors = [
+        f"- {c.target} {c.mode} c={c.concurrency}: {s['errors']} errors, e.g. {s['error_samples'][:2]}"
+        for c in cells
+        if (s := c.summary()) and s["errors"]
+    ]
     return lines + errors
 
 
@@ -487,7 +534,16 @@ def setup_lines(args: argparse.Namespace) -> list[str]:
 
 def report(cells: list[Cell], args: argparse.Namespace, started: float) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S")
-    parts = [f"## Router speed ({when}, {time.monotonic() - started:.0f} s)", "", *setup_lines(args), "", table(cells), "", "Targets (issue #3):", *target_checks(cells)]
+    parts = [
+        f"## Router speed ({when}, {time.monotonic() - started:.0f} s)",
+        "",
+        *setup_lines(args),
+        "",
+        table(cells),
+        "",
+        "Targets (issue #3):",
+        *target_checks(cells),
+    ]
     return "\n".join(parts) + "\n"
 
 
@@ -502,7 +558,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens-per-s", type=float, default=100000.0, help="simulator decode speed per sequence")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request")
     parser.add_argument("--compare", type=Path, help="also run the mvtui of this other source tree (before/after a change)")
-    parser.add_argument("--profile", action="store_true", help="record each Python router (mvtui, the floors) with py-spy into benchmarks/results/")
+    parser.add_argument(
+        "--profile", action="store_true", help="record each Python router (mvtui, the floors) with py-spy into benchmarks/results/"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "router.md")
     args = parser.parse_args()
     if "direct" not in args.targets:
@@ -523,7 +581,10 @@ def main() -> int:
     text = report(cells, args, started)
     print(text)
     args.output.write_text(text)
-    raw = [{"target": c.target, "mode": c.mode, "concurrency": c.concurrency, "summary": c.summary(), "unavailable": c.unavailable} for c in cells]
+    raw = [
+        {"target": c.target, "mode": c.mode, "concurrency": c.concurrency, "summary": c.summary(), "unavailable": c.unavailable}
+        for c in cells
+    ]
     args.output.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     return 0
 

@@ -38,15 +38,18 @@ class Result:
 
     def row(self) -> str:
         ideal = f"{self.ideal_tokens_per_s:>10.0f}" if self.ideal_tokens_per_s else f"{'-':>10}"
-        return (f"{self.name:<8} {self.concurrency:>5} {self.requests / self.seconds:>10.0f} "
-                f"{self.tokens / self.seconds:>10.0f} {ideal} {100 * self.sim_cpu_s / self.seconds:>8.0f}%")
+        return (
+            f"{self.name:<8} {self.concurrency:>5} {self.requests / self.seconds:>10.0f} "
+            f"{self.tokens / self.seconds:>10.0f} {ideal} {100 * self.sim_cpu_s / self.seconds:>8.0f}%"
+        )
 
 
 HEADER = f"{'scenario':<8} {'conc':>5} {'req/s':>10} {'tok/s':>10} {'ideal':>10} {'sim cpu':>9}"
 
 
-async def drive(url: str, concurrency: int, seconds: float,
-                one: Callable[[aiohttp.ClientSession, str], Awaitable[int]]) -> tuple[int, int, float]:
+async def drive(
+    url: str, concurrency: int, seconds: float, one: Callable[[aiohttp.ClientSession, str], Awaitable[int]]
+) -> tuple[int, int, float]:
     """Keep `concurrency` requests in flight for `seconds`; returns (requests, tokens, elapsed)."""
     deadline = time.monotonic() + seconds
     counts = [0, 0]
@@ -82,16 +85,34 @@ def stream_request(max_tokens: int) -> Callable[[aiohttp.ClientSession, str], Aw
     return one
 
 
-async def measure(proc: Proc, name: str, concurrency: int, seconds: float,
-                  one: Callable[[aiohttp.ClientSession, str], Awaitable[int]], ideal: float | None) -> Result:
+async def measure(
+    proc: Proc,
+    name: str,
+    concurrency: int,
+    seconds: float,
+    one: Callable[[aiohttp.ClientSession, str], Awaitable[int]],
+    ideal: float | None,
+) -> Result:
     cpu_before = cpu_seconds(proc.pid)
     requests, tokens, elapsed = await drive(proc.url, concurrency, seconds, one)
     return Result(name, concurrency, elapsed, requests, tokens, ideal, cpu_seconds(proc.pid) - cpu_before)
 
 
 def sim_args(max_num_seqs: int, tokens_per_s: float) -> list[str]:
-    return ["--max-num-seqs", str(max_num_seqs), "--tokens-per-s", str(tokens_per_s), "--ttft-ms", "0",
-            "--prompt-ms-per-token", "0", "--kv-blocks", "100000", "--max-model-len", "4096"]
+    return [
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--tokens-per-s",
+        str(tokens_per_s),
+        "--ttft-ms",
+        "0",
+        "--prompt-ms-per-token",
+        "0",
+        "--kv-blocks",
+        "100000",
+        "--max-model-len",
+        "4096",
+    ]
 
 
 async def run(seconds: float, streams: int, plain_concurrency: int) -> list[Result]:

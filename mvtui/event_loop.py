@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ def load_nvml() -> ModuleType | None:
 class GpuProbe:
     """Reads NVML. `snapshot()` blocks (NVML calls do): use `sample()` on the event loop."""
 
-    def __init__(self, nvml: ModuleType | None | Callable[[], ModuleType | None] = load_nvml, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, nvml: ModuleType | None | Callable[[], ModuleType | None] = load_nvml, clock: Callable[[], float] = time.time
+    ) -> None:
         self._nvml_source = nvml
         self._nvml: ModuleType | None = None
         self._initialised = False

@@ -68,7 +68,12 @@ ACTIONS: tuple[KeyAction, ...] = (
     ),
     KeyAction("reload", ("r",), "reload", "reload the config file now"),
     KeyAction("log", ("l",), "log", "the selected instance's log", "instance_log"),
-    KeyAction("details", ("enter",), "details", "the selected server's details: plots of the last 10 minutes, its requests, errors, config and log"),
+    KeyAction(
+        "details",
+        ("enter",),
+        "details",
+        "the selected server's details: plots of the last 10 minutes, its requests, errors, config and log",
+    ),
     KeyAction(
         "chat",
         ("c",),
@@ -115,7 +120,17 @@ _RENAMED = {
     "plus_sign": "plus",
     "low_line": "underscore",
 }
-_SHOWN = {"enter": "↵", "up": "↑", "down": "↓", "left": "←", "right": "→", "delete": "del", "escape": "esc", "pageup": "pgup", "pagedown": "pgdn"}
+_SHOWN = {
+    "enter": "↵",
+    "up": "↑",
+    "down": "↓",
+    "left": "←",
+    "right": "→",
+    "delete": "del",
+    "escape": "esc",
+    "pageup": "pgup",
+    "pagedown": "pgdn",
+}
 
 
 def _character_name(character: str) -> str:

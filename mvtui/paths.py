@@ -18,7 +18,7 @@ class AppPaths(NamedTuple):  # not a dataclass: every CLI call imports this, and
     state_dir: Path
 
     @classmethod
-    def default(cls) -> "AppPaths":
+    def default(cls) -> AppPaths:
         return cls(
             config_dir=Path(platformdirs.user_config_dir(APP_NAME)),
             log_dir=Path(platformdirs.user_log_dir(APP_NAME)),

@@ -153,7 +153,7 @@ def _child_env(extra: dict | None) -> dict[str, str]:
 
 
 def _port_from_args(args: Sequence[str]) -> int | None:
-    for flag, value in zip(args, args[1:]):
+    for flag, value in zip(args, args[1:], strict=False):
         if flag == "--port":
             return int(value)
     return None

@@ -9,8 +9,9 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 
@@ -154,7 +155,9 @@ async def test_admin_bad_input_gets_clear_errors(tmp_path: Path, procs: list[Pro
         assert status == 404 and "no server named 'nope'" in body["error"]["message"]
         status, body = await admin.call("POST", "/servers/s0/sleep?level=3")
         assert status == 400 and "level must be 1 or 2" in body["error"]["message"]
-        async with session.post(admin.url + "/instances", data=b"{not json", headers={"Authorization": f"Bearer {admin.token}"}) as response:
+        async with session.post(
+            admin.url + "/instances", data=b"{not json", headers={"Authorization": f"Bearer {admin.token}"}
+        ) as response:
             assert response.status == 400
 
 
@@ -180,7 +183,9 @@ async def test_cli_drives_a_running_mvtui(tmp_path: Path, procs: list[Proc]) -> 
     )
     state = tmp_path / "state"
     port = free_port()
-    mvtui = await asyncio.to_thread(start_mvtui, ["--no-ui", "--config", str(config), "--port", str(port)], env={"XDG_STATE_HOME": str(state)})
+    mvtui = await asyncio.to_thread(
+        start_mvtui, ["--no-ui", "--config", str(config), "--port", str(port)], env={"XDG_STATE_HOME": str(state)}
+    )
     procs.append(mvtui)
 
     table = (await cli(["ps"], state)).splitlines()
@@ -230,7 +235,9 @@ async def test_cli_edits_servers_and_the_config_file_keeps_its_comments(tmp_path
     config.write_text(original)
     state = tmp_path / "state"
     port = free_port()
-    mvtui = await asyncio.to_thread(start_mvtui, ["--no-ui", "--config", str(config), "--port", str(port)], env={"XDG_STATE_HOME": str(state)})
+    mvtui = await asyncio.to_thread(
+        start_mvtui, ["--no-ui", "--config", str(config), "--port", str(port)], env={"XDG_STATE_HOME": str(state)}
+    )
     procs.append(mvtui)
 
     assert "added" in await cli(["add-server", second.url, "--capacity", "6", "--name", "gpu-b"], state)

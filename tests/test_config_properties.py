@@ -43,7 +43,9 @@ urls = st.builds(
     st.sampled_from(["", ":0", ":80", ":443", ":8000", ":99999", ":x", ":"]),
     st.sampled_from(["", "/", "/v1/", "//", "?q=1", "#f", " ", "/\n"]) | st.text(max_size=6),
 )
-values = st.recursive(scalars | urls, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+values = st.recursive(
+    scalars | urls, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6
+)
 
 
 def table(schema: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:

@@ -146,11 +146,11 @@ def test_a_server_and_an_instance_cannot_share_a_name() -> None:
     [
         ('models = "abc"', "servers[0].models", "list of strings"),
         ('models = ["a", ""]', "servers[0].models", "non-empty"),
-        ('models = [1]', "servers[0].models", "list of strings"),
-        ('name = 3', "servers[0].name", "string"),
+        ("models = [1]", "servers[0].models", "list of strings"),
+        ("name = 3", "servers[0].name", "string"),
         ('drain = "yes"', "servers[0].drain", "true or false"),
         ('api_key = ["k"]', "servers[0].api_key", "string"),
-        ('max_concurrent_requests = true', "servers[0].max_concurrent_requests", "integer"),
+        ("max_concurrent_requests = true", "servers[0].max_concurrent_requests", "integer"),
     ],
 )
 def test_every_server_field_is_checked_for_its_type(entry: str, where: str, words: str) -> None:

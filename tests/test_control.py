@@ -12,8 +12,9 @@ import dataclasses
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import openai
@@ -51,8 +52,6 @@ async def core(tmp_path: Path, *sims: Proc, timing: TimingConfig = TIMING) -> As
     async with Services(config, paths=paths, gpu=GpuProbe(nvml=None)) as services:
         await eventually(lambda: all(server.is_up for server in services.cluster))
         yield services
-
-
 
 
 async def sim_state(sim: Proc) -> dict[str, Any]:
@@ -93,7 +92,9 @@ async def streamed_chat(openai_client: openai.AsyncOpenAI, model: str, max_token
     return pieces
 
 
-async def test_sleep_drains_first_then_sleeps_and_shows_state(tmp_path: Path, procs: list[Proc], make_client: Callable[[str], openai.AsyncOpenAI]) -> None:
+async def test_sleep_drains_first_then_sleeps_and_shows_state(
+    tmp_path: Path, procs: list[Proc], make_client: Callable[[str], openai.AsyncOpenAI]
+) -> None:
     sim = await sim_process(procs)
     async with core(tmp_path, sim) as services:
         server = services.cluster.find("s0")
@@ -146,8 +147,8 @@ async def test_server_without_sleep_mode_gets_a_clear_error_and_keeps_its_state(
 
 
 async def test_no_request_reaches_a_sleeping_server_while_it_sleeps_and_wakes_under_load(
-    tmp_path: Path, procs: list[Proc]
-, make_client: Callable[[str], openai.AsyncOpenAI]) -> None:
+    tmp_path: Path, procs: list[Proc], make_client: Callable[[str], openai.AsyncOpenAI]
+) -> None:
     sim = await sim_process(procs)
     async with core(tmp_path, sim) as services:
         openai_client = make_client(services.router_url)
@@ -190,9 +191,7 @@ async def test_every_waiter_and_the_operator_share_one_wake(
 
         control._wake = counted  # type: ignore[method-assign]
         openai_client = make_client(services.router_url)
-        requests = [
-            asyncio.create_task(openai_client.chat.completions.create(model="m", messages=CHAT, max_tokens=2)) for _ in range(30)
-        ]
+        requests = [asyncio.create_task(openai_client.chat.completions.create(model="m", messages=CHAT, max_tokens=2)) for _ in range(30)]
         await eventually(lambda: services.cluster.find("s0").waking, what="the wake to begin")
         await control.wake("s0")  # the operator's wake joins the one under way
         answers = await asyncio.gather(*requests)
@@ -261,7 +260,9 @@ async def test_requests_for_a_waking_model_wait_in_its_queue(tmp_path: Path, pro
         assert state["wake_count"] >= 1 and state["requests_while_sleeping"] == 0
 
 
-async def test_drain_under_load_loses_no_request(tmp_path: Path, procs: list[Proc], make_client: Callable[[str], openai.AsyncOpenAI]) -> None:
+async def test_drain_under_load_loses_no_request(
+    tmp_path: Path, procs: list[Proc], make_client: Callable[[str], openai.AsyncOpenAI]
+) -> None:
     first, second = await sim_process(procs, "m", FAST, None), await sim_process(procs, "m", FAST, None)
     async with core(tmp_path, first, second) as services:
         openai_client = make_client(services.router_url)
@@ -285,7 +286,9 @@ async def test_drain_under_load_loses_no_request(tmp_path: Path, procs: list[Pro
         assert (await sim_state(first))["requests"] > sent_to_drained
 
 
-async def test_a_hundred_requests_for_a_sleeping_model_cause_one_wake(tmp_path: Path, procs: list[Proc], make_client: Callable[[str], openai.AsyncOpenAI]) -> None:
+async def test_a_hundred_requests_for_a_sleeping_model_cause_one_wake(
+    tmp_path: Path, procs: list[Proc], make_client: Callable[[str], openai.AsyncOpenAI]
+) -> None:
     """mvtui as a process, put to sleep with the CLI, then 100 concurrent OpenAI requests."""
     sim = await sim_process(procs, extra=[*FAST, "--enable-sleep-mode", "--wake-ms-l1", "400", "--max-num-seqs", "32"])
     config = tmp_path / "servers.toml"
@@ -302,9 +305,7 @@ async def test_a_hundred_requests_for_a_sleeping_model_cause_one_wake(tmp_path: 
     assert slept.returncode == 0, slept.stderr
     assert slept.stdout.strip() == "gpu-a sleeping L1"
     openai_client = make_client(mvtui.url)
-    answers = await asyncio.gather(
-        *(openai_client.chat.completions.create(model="m", messages=CHAT, max_tokens=3) for _ in range(100))
-    )
+    answers = await asyncio.gather(*(openai_client.chat.completions.create(model="m", messages=CHAT, max_tokens=3) for _ in range(100)))
     assert all(answer.usage.completion_tokens == 3 for answer in answers)
     state = await sim_state(sim)
     assert state["wake_count"] == 1
@@ -313,6 +314,7 @@ async def test_a_hundred_requests_for_a_sleeping_model_cause_one_wake(tmp_path: 
 
 async def until_up(router_url: str, name: str) -> None:
     async with aiohttp.ClientSession() as session:
+
         async def up() -> bool:
             async with session.get(router_url + "/load-stats") as response:
                 servers = (await response.json())["servers"]
@@ -391,4 +393,3 @@ async def test_a_poll_answer_from_before_a_sleep_never_marks_the_server_awake() 
         assert server.sleep_level == 1 and not server.routable
     finally:
         await runner.cleanup()
-

@@ -118,7 +118,10 @@ def test_a_backend_reporting_nan_does_not_break_routing_for_its_model(tmp_path: 
             wait_until(lambda: http.get(router.url + "/load-stats").json()["healthy_servers"] == 2)
             wait_until(lambda: backend.hits["/metrics"] >= 2)
             statuses = [
-                http.post(router.url + "/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).status_code
+                http.post(
+                    router.url + "/v1/chat/completions",
+                    json={"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+                ).status_code
                 for _ in range(10)
             ]
             assert statuses == [200] * 10
@@ -216,7 +219,9 @@ def test_a_non_string_model_id_leaves_load_stats_answering(tmp_path: Path) -> No
 # --- supervision ---------------------------------------------------------------------------
 
 
-async def test_a_crashed_poll_is_logged_restarted_with_backoff_and_shown(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_crashed_poll_is_logged_restarted_with_backoff_and_shown(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     calls = 0
     real = poller_module.parse_metrics
 

@@ -25,16 +25,16 @@ print(json.dumps({"imported": names, "textual": loaded}))
 
 
 def import_in_subprocess(*extra: str) -> dict[str, list[str]]:
-    result = subprocess.run(
-        [sys.executable, "-c", LIST_AND_IMPORT, *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([sys.executable, "-c", LIST_AND_IMPORT, *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_core_modules_import_without_textual() -> None:
     found = import_in_subprocess()
-    assert {"mvtui.cli", "mvtui.cluster.state", "mvtui.runtime.wiring", "mvtui.runtime.headless", "mvtui.gpu", "mvtui.router.proxy"} <= set(found["imported"])
+    assert {"mvtui.cli", "mvtui.cluster.state", "mvtui.runtime.wiring", "mvtui.runtime.headless", "mvtui.gpu", "mvtui.router.proxy"} <= set(
+        found["imported"]
+    )
     assert found["textual"] == [], f"a core module imported Textual: {found['textual'][:5]}"
 
 

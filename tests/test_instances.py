@@ -11,8 +11,9 @@ import signal
 import socket
 import sys
 import types
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any
 
 import aiohttp
 import openai
@@ -62,7 +63,7 @@ def fake_nvml(totals: list[int], used: Callable[[int], int]) -> types.ModuleType
     return module
 
 
-def memory_of_awake_instances(services: "list[Services]", totals: list[int], other_programs: int = 0) -> Callable[[int], int]:
+def memory_of_awake_instances(services: list[Services], totals: list[int], other_programs: int = 0) -> Callable[[int], int]:
     """Used memory as vLLM would leave it: an awake instance holds its share of the card, one
     asleep at level 1 a little, at level 2 or stopped nothing."""
 
@@ -82,18 +83,16 @@ def memory_of_awake_instances(services: "list[Services]", totals: list[int], oth
 
 
 @contextlib.asynccontextmanager
-async def core(tmp_path: Path, *instances: InstanceConfig, gpu: GpuProbe | None = None, holder: list | None = None) -> AsyncIterator[Services]:
-    config = Config(
-        router=RouterConfig(host="127.0.0.1", port=0), timing=TIMING, admin=AdminConfig(enabled=False), instances=instances
-    )
+async def core(
+    tmp_path: Path, *instances: InstanceConfig, gpu: GpuProbe | None = None, holder: list | None = None
+) -> AsyncIterator[Services]:
+    config = Config(router=RouterConfig(host="127.0.0.1", port=0), timing=TIMING, admin=AdminConfig(enabled=False), instances=instances)
     paths = AppPaths(tmp_path / "config", tmp_path / "log", tmp_path / "state")
     services = Services(config, paths=paths, gpu=gpu or GpuProbe(nvml=None))
     if holder is not None:
         holder.append(services)
     async with services:
         yield services
-
-
 
 
 def client(services: Services) -> openai.AsyncOpenAI:
@@ -363,7 +362,7 @@ async def test_port_comes_from_the_range_when_one_is_taken(tmp_path: Path) -> No
 def write_config(path: Path, command: tuple[str, ...]) -> None:
     path.write_text(
         "[config]\nmetrics_interval = 0.1\nhealth_check_interval = 0.5\nshutdown_timeout = 3\n[admin]\nport = 0\n"
-        f"[[instances]]\nmodel = \"child\"\nport = {free_port()}\ncommand = {json.dumps(list(command))}\n"
+        f'[[instances]]\nmodel = "child"\nport = {free_port()}\ncommand = {json.dumps(list(command))}\n'
         f"env = {{ PYTHONPATH = {json.dumps(str(REPO_ROOT))} }}\n"
     )
 

@@ -72,7 +72,9 @@ async def test_live_verbs_leave_the_file_alone_and_persist_writes_it(tmp_path: P
         assert server.drain and server.capacity == 7
         saved = await operator.save(sim.url)
         assert saved.saved_to == path and "drained" in saved.message and "capacity 7" in saved.message
-        assert path.read_text() == edited.replace("max_concurrent_requests = 4,", "max_concurrent_requests = 7,").replace('"renamed" }', '"renamed", drain = true }')
+        assert path.read_text() == edited.replace("max_concurrent_requests = 4,", "max_concurrent_requests = 7,").replace(
+            '"renamed" }', '"renamed", drain = true }'
+        )
         assert services.live.overlay.changes_for(sim.url) == {}
     async with core(path) as (services, _):  # a restart: the saved state is the file's
         server = services.cluster.servers[sim.url]

@@ -34,8 +34,12 @@ NAMES = [
     "vllm:",
     "other",
 ]
-sample_values = st.sampled_from(["NaN", "nan", "+Inf", "-Inf", "inf", "1e400", "-1e400", "-1", "0", "1", "2.5", "1.5e308", "", "x", "0x10"]) | st.floats().map(repr)
-labels = st.sampled_from(["", '{engine="0",model_name="m"}', '{sleep_state="awake"}', '{sleep_state="discard_all"}', "{", "}", '{a="}"}', '{model_name="', "{}"])
+sample_values = st.sampled_from(
+    ["NaN", "nan", "+Inf", "-Inf", "inf", "1e400", "-1e400", "-1", "0", "1", "2.5", "1.5e308", "", "x", "0x10"]
+) | st.floats().map(repr)
+labels = st.sampled_from(
+    ["", '{engine="0",model_name="m"}', '{sleep_state="awake"}', '{sleep_state="discard_all"}', "{", "}", '{a="}"}', '{model_name="', "{}"]
+)
 separators = st.sampled_from([" ", "\t", "  ", ""])
 lines = st.builds(lambda name, label, sep, value: f"{name}{label}{sep}{value}", st.sampled_from(NAMES), labels, separators, sample_values)
 
@@ -64,13 +68,20 @@ def test_any_text_as_metrics_gives_finite_numbers(text: str) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["id", "data", "object", "is_sleeping", "x"]) | st.text(max_size=4), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["id", "data", "object", "is_sleeping", "x"]) | st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 cards = st.fixed_dictionaries({"id": json_values | st.text(max_size=8)}, optional={"object": json_values, "root": json_values})
 model_lists = st.fixed_dictionaries({"data": st.lists(cards | json_values, max_size=4)}, optional={"object": json_values})
-bodies = (json_values | model_lists).map(lambda value: json.dumps(value).encode()) | st.binary(max_size=60) | st.sampled_from(
-    [b"", b"<html></html>", b'{"data": [{"id": NaN}]}', b"[" * 5000 + b"]" * 5000, b'{"is_sleeping": Infinity}', b"\xff\xfe{\x00}\x00"]
+bodies = (
+    (json_values | model_lists).map(lambda value: json.dumps(value).encode())
+    | st.binary(max_size=60)
+    | st.sampled_from(
+        [b"", b"<html></html>", b'{"data": [{"id": NaN}]}', b"[" * 5000 + b"]" * 5000, b'{"is_sleeping": Infinity}', b"\xff\xfe{\x00}\x00"]
+    )
 )
 
 

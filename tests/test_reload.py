@@ -9,8 +9,8 @@ import dataclasses
 import os
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
 
 import aiohttp
 import openai
@@ -32,10 +32,6 @@ metrics_interval = 0.1
 fail_threshold = 2
 recover_threshold = 1
 """
-
-
-
-
 
 
 def save_by_rename(path: Path, text: str) -> None:
@@ -135,7 +131,9 @@ def kinds(events: list[ClusterEvent], kind: str) -> list[ClusterEvent]:
 
 
 def cluster_file(tmp_path: Path, *urls_and_capacities: tuple[str, int]) -> tuple[Path, str]:
-    entries = "".join(f'    {{ url = "{url}", max_concurrent_requests = {capacity} }},  # keep this comment\n' for url, capacity in urls_and_capacities)
+    entries = "".join(
+        f'    {{ url = "{url}", max_concurrent_requests = {capacity} }},  # keep this comment\n' for url, capacity in urls_and_capacities
+    )
     text = f"# Operator's notes: do not lose me.\n[servers]\nservers = [\n{entries}]\n{FAST}\n# the end\n"
     path = tmp_path / "servers.toml"
     path.write_text(text)
@@ -201,7 +199,8 @@ async def test_adding_and_removing_a_server_from_a_command(tmp_path: Path, sim: 
     async with core(path) as (services, events):
         await services.operator.add_server(sim.url + "/", max_concurrent_requests=3, name="fresh")
         assert path.read_text() == text.replace(
-            "  # keep this comment\n]", f'  # keep this comment\n    {{ url = "{sim.url}", max_concurrent_requests = 3, name = "fresh" }},\n]'
+            "  # keep this comment\n]",
+            f'  # keep this comment\n    {{ url = "{sim.url}", max_concurrent_requests = 3, name = "fresh" }},\n]',
         )
         server = services.cluster.servers[sim.url]
         await eventually(lambda: server.routable)  # polled at once, joins when healthy
@@ -284,7 +283,7 @@ class SteadyLoad:
         self._threads = [threading.Thread(target=self._run, args=(number,), daemon=True) for number in range(clients)]
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "SteadyLoad":
+    def __enter__(self) -> SteadyLoad:
         for thread in self._threads:
             thread.start()
         return self
@@ -327,10 +326,13 @@ class ClusterFile:
         self.interval = 0.5
 
     def text(self) -> str:
-        lines = [f'    {{ url = "{url}", max_concurrent_requests = {capacity}{", drain = true" if drain else ""} }},' for url, (capacity, drain) in self.servers.items()]
+        lines = [
+            f'    {{ url = "{url}", max_concurrent_requests = {capacity}{", drain = true" if drain else ""} }},'
+            for url, (capacity, drain) in self.servers.items()
+        ]
         body = "\n".join(lines)
         return (
-            f"# written by test_reload\n[router]\npolicy = \"{self.policy}\"\n\n[servers]\nservers = [\n{body}\n]\n\n"
+            f'# written by test_reload\n[router]\npolicy = "{self.policy}"\n\n[servers]\nservers = [\n{body}\n]\n\n'
             f"[config]\nhealth_check_interval = {self.interval}\nmetrics_interval = 0.1\nfail_threshold = 2\n"
             f"recover_threshold = 1\nrequest_timeout = 30\n\n[admin]\nenabled = false\n"
         )
@@ -522,7 +524,11 @@ def test_twenty_config_changes_under_steady_load_lose_no_request(tmp_path: Path)
         assert load.failures == [], load.failures[:5]
         assert load.successes >= 60
         final = stats(router)
-        assert {url: (server["capacity"], server["routable"]) for url, server in final.items()} == {a: (3, True), b: (4, True), c: (6, True)}
+        assert {url: (server["capacity"], server["routable"]) for url, server in final.items()} == {
+            a: (3, True),
+            b: (4, True),
+            c: (6, True),
+        }
         # the server that stayed in the config all along kept its counters through every reload
         assert final[a]["requests"] == sim_stats(sims[0])["requests"]
         assert sum(sim_stats(proc)["aborted"] for proc in sims) == 0

@@ -8,9 +8,9 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import openai
 import pytest
@@ -40,8 +40,6 @@ def start_router(config: Path) -> Proc:
     return start_mvtui(["--no-ui", "--config", str(config), "--port", str(port), "--host", "127.0.0.1"], port=port)
 
 
-
-
 def load_stats(router: Proc) -> dict:
     return http.get(router.url + "/load-stats").json()
 
@@ -65,13 +63,12 @@ def client_for(router: Proc, **options) -> openai.OpenAI:  # type: ignore[no-unt
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, list[Proc]]]:
     """Three simulators of unequal capacity behind one router, shared by the read-only tests."""
-    sims = [
-        start_sim("llama", extra=["--max-num-seqs", str(seqs), "--tokens-per-s", "200", "--ttft-ms", "20"])
-        for seqs in (2, 4, 8)
-    ]
+    sims = [start_sim("llama", extra=["--max-num-seqs", str(seqs), "--tokens-per-s", "200", "--ttft-ms", "20"]) for seqs in (2, 4, 8)]
     router = None
     try:
-        config = write_config(tmp_path_factory.mktemp("trio") / "servers.toml", [(sim.url, seqs) for sim, seqs in zip(sims, (2, 4, 8))])
+        config = write_config(
+            tmp_path_factory.mktemp("trio") / "servers.toml", [(sim.url, seqs) for sim, seqs in zip(sims, (2, 4, 8), strict=True)]
+        )
         router = start_router(config)
         wait_until(lambda: healthy_count(router) == 3)
         yield router, sims
@@ -83,9 +80,7 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, list[
 
 def test_chat_completion_through_the_router(trio: tuple[Proc, list[Proc]]) -> None:
     router, _ = trio
-    reply = client_for(router).chat.completions.create(
-        model="llama", messages=[{"role": "user", "content": "hello"}], max_tokens=8
-    )
+    reply = client_for(router).chat.completions.create(model="llama", messages=[{"role": "user", "content": "hello"}], max_tokens=8)
     assert reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.completion_tokens == 8
 
@@ -93,7 +88,10 @@ def test_chat_completion_through_the_router(trio: tuple[Proc, list[Proc]]) -> No
 def test_chunks_arrive_while_generation_goes_on(trio: tuple[Proc, list[Proc]]) -> None:
     router, sims = trio
     stream = client_for(router).chat.completions.create(
-        model="llama", messages=[{"role": "user", "content": "count"}], max_tokens=30, stream=True,
+        model="llama",
+        messages=[{"role": "user", "content": "count"}],
+        max_tokens=30,
+        stream=True,
         stream_options={"include_usage": True},
     )
     arrivals = []
@@ -168,7 +166,7 @@ def test_share_of_requests_follows_capacity(trio: tuple[Proc, list[Proc]]) -> No
     router, sims = trio
     before = [sim_state(sim)["received"] for sim in sims]
     asyncio.run(concurrent_chats(router.url, total=140, concurrency=14, max_tokens=20))
-    shares = [sim_state(sim)["received"] - start for sim, start in zip(sims, before)]
+    shares = [sim_state(sim)["received"] - start for sim, start in zip(sims, before, strict=True)]
     assert sum(shares) == 140
     small, medium, big = shares
     assert small < medium < big, shares
@@ -225,7 +223,11 @@ def test_client_api_keys_are_checked(tmp_path: Path) -> None:
     sim = start_sim("llama")
     router = None
     try:
-        router = start_router(write_config(tmp_path / "servers.toml", [(sim.url, 4)], '[router]\napi_keys = ["s3cret"]\nopen_endpoints = ["/health", "/load-stats"]\n'))
+        router = start_router(
+            write_config(
+                tmp_path / "servers.toml", [(sim.url, 4)], '[router]\napi_keys = ["s3cret"]\nopen_endpoints = ["/health", "/load-stats"]\n'
+            )
+        )
         wait_until(lambda: healthy_count(router) == 1)
         with pytest.raises(openai.AuthenticationError):
             client_for(router, api_key="wrong").chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}])
@@ -332,7 +334,7 @@ def test_a_stream_cut_mid_way_ends_with_an_error_event(tmp_path: Path) -> None:
             assert status == 200
             events = [line for line in lines if line.startswith("data: ")]
         assert 1 <= len(events) <= 5
-        last = json.loads(events[-1][len("data: "):])
+        last = json.loads(events[-1][len("data: ") :])
         assert "error" in last and last["error"]["code"] == 502
         with pytest.raises(openai.APIError):
             stream = client_for(router).chat.completions.create(
@@ -499,7 +501,7 @@ def test_a_stream_that_stalls_mid_way_is_timed_out_with_an_error_event(tmp_path:
             assert status == 200
             events = [line for line in lines if line.startswith("data: ")]
         assert len(events) >= 2  # at least one token went through before the stall
-        last = json.loads(events[-1][len("data: "):])
+        last = json.loads(events[-1][len("data: ") :])
         assert last["error"]["code"] == 502
         assert "timed out" in last["error"]["message"]
         assert wait_until(lambda: sim_state(sim)["aborted"] == 1, timeout=5)  # the upstream request was closed

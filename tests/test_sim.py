@@ -246,9 +246,15 @@ async def test_metrics_page_is_realistic(sim: SimServer, http: aiohttp.ClientSes
     async with http.get(sim.url + "/metrics") as response:
         page = await response.text()
     assert len(page) > 10_000
-    for name in ("vllm:kv_cache_usage_perc{", "vllm:prompt_tokens_total{", "vllm:prompt_tokens_created{",
-                 "vllm:e2e_request_latency_seconds_bucket{", "vllm:inter_token_latency_seconds_bucket{",
-                 "vllm:prefix_cache_queries_total{", "vllm:num_preemptions_total{"):
+    for name in (
+        "vllm:kv_cache_usage_perc{",
+        "vllm:prompt_tokens_total{",
+        "vllm:prompt_tokens_created{",
+        "vllm:e2e_request_latency_seconds_bucket{",
+        "vllm:inter_token_latency_seconds_bucket{",
+        "vllm:prefix_cache_queries_total{",
+        "vllm:num_preemptions_total{",
+    ):
         assert name in page
     assert "vllm:gpu_cache_usage_perc" not in page and "engine_sleep_state" not in page
 
@@ -272,9 +278,7 @@ async def test_prefix_cache_hits_on_a_repeated_prompt(sim: SimServer, http: aioh
 async def test_kv_pressure_preempts_and_still_completes(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
     sim = await make_sim(kv_blocks=6, block_size=16, max_model_len=96, max_num_seqs=4, tokens_per_s=400.0)
     async with client(sim) as api:
-        replies = await asyncio.gather(
-            *[api.completions.create(model="demo", prompt=f"prompt {i}", max_tokens=40) for i in range(3)]
-        )
+        replies = await asyncio.gather(*[api.completions.create(model="demo", prompt=f"prompt {i}", max_tokens=40) for i in range(3)])
     assert all(reply.usage.completion_tokens == 40 for reply in replies)
     assert value(await metrics(http, sim), "vllm:num_preemptions_total") > 0
     assert sim.stats.preemptions > 0 and sim.stats.running == 0
@@ -302,8 +306,7 @@ async def test_non_stream_disconnect_aborts(make_sim: MakeSim, http: aiohttp.Cli
 
 
 # -- sleep mode -------------------------------------------------------------------------
-async def test_sleep_routes_need_flag_and_dev_mode(make_sim: MakeSim, http: aiohttp.ClientSession,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sleep_routes_need_flag_and_dev_mode(make_sim: MakeSim, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
     no_dev = await make_sim(enable_sleep_mode=True, dev_mode=False)
     no_flag = await make_sim(dev_mode=True)
     for sim in (no_dev, no_flag):
@@ -350,8 +353,7 @@ async def test_request_while_asleep_hangs_until_woken(make_sim: MakeSim, http: a
     async with client(sim, timeout=0.3) as api:
         with pytest.raises(openai.APITimeoutError):
             await api.chat.completions.create(model="demo", messages=CHAT, max_tokens=2)
-        held = asyncio.ensure_future(api.chat.completions.create(model="demo", messages=CHAT, max_tokens=2,
-                                                                 timeout=5))
+        held = asyncio.ensure_future(api.chat.completions.create(model="demo", messages=CHAT, max_tokens=2, timeout=5))
         await eventually(lambda: sim.stats.requests_while_sleeping == 2 and sim.stats.waiting == 1)
         deferred = value(await metrics(http, sim), "vllm:num_requests_waiting_by_reason", reason="deferred")
         await http.post(sim.url + "/wake_up")
@@ -451,8 +453,16 @@ async def test_fault_updates_are_validated(sim: SimServer, http: aiohttp.ClientS
     async with http.post(sim.url + "/sim/faults", json={"bogus": 1}) as response:
         assert response.status == 400
     assert await set_faults(http, sim, hang=True, cut_after_tokens=None) == {
-        "fail_rate": 0.0, "hang": True, "slow": 1.0, "cut_after_tokens": None, "dead": False,
-        "cut_body": False, "stall_body": False, "redirect_to": None, "pad_answer_bytes": 0}
+        "fail_rate": 0.0,
+        "hang": True,
+        "slow": 1.0,
+        "cut_after_tokens": None,
+        "dead": False,
+        "cut_body": False,
+        "stall_body": False,
+        "redirect_to": None,
+        "pad_answer_bytes": 0,
+    }
 
 
 async def test_exit_fault_in_process(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
@@ -479,8 +489,9 @@ async def test_startup_delay_refuses_connections_first(http: aiohttp.ClientSessi
 
 # -- the CLI as a real process ----------------------------------------------------------
 async def test_cli_serves_and_exits_on_sigterm(procs: list[Proc], http: aiohttp.ClientSession) -> None:
-    proc = start_sim("cli-model", extra=["--max-num-seqs", "2", "--tokens-per-s", "500", "--lora", "a", "b",
-                                         "--startup-ms", "300"], wait=False)
+    proc = start_sim(
+        "cli-model", extra=["--max-num-seqs", "2", "--tokens-per-s", "500", "--lora", "a", "b", "--startup-ms", "300"], wait=False
+    )
     procs.append(proc)
     await asyncio.sleep(0.1)
     with pytest.raises(aiohttp.ClientConnectionError):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -368,5 +369,3 @@ async def _quietly(start: Awaitable[Any]) -> None:
         await start
     except CommandError:
         pass
-
-

@@ -13,8 +13,9 @@ import os
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from mvtui.admin.running import RunningMvtui, running_mvtuis
 from mvtui.admin.wire import Answer, WireError, exchange
@@ -295,7 +296,7 @@ def _in_flight(server: dict[str, Any]) -> str:
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(row[column])) for row in [header, *rows]) for column in range(len(header))]
-    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in [header, *rows])
 
 
 def _info(client: AdminClient, args: argparse.Namespace, out: TextIO) -> int:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -146,7 +147,7 @@ class Controller:
                 server.sleep_capable = False
                 raise CommandError(f"{server.name} {NO_SLEEP_MODE}") from None
             raise CommandError(f"{server.name} refused to sleep: {error}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # It may have gone to sleep after we stopped waiting: only a clear "awake" is trusted.
             if await self._observed_level(server, client) == 0:
                 raise CommandError(f"{server.name} did not answer /sleep in time and is still awake") from None
@@ -330,7 +331,7 @@ class Controller:
         timeout = self.timing().wake_timeout
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Unavailable(f"{slow}; not ready after {timeout:g} s, try again", RETRY_AFTER_WAKE_S) from None
         except CommandError as error:
             raise Unavailable(f"{failed}: {error}", RETRY_AFTER_WAKE_S) from None
@@ -384,9 +385,7 @@ def _because(server: Server) -> str:
 
 def _wake_candidate(servers: list[Server], wakes: dict[str, asyncio.Task[None]]) -> Server | None:
     """A wake under way first (so waiters share it), else the sleeper used most recently."""
-    sleepers = [
-        server for server in servers if server.lifecycle in (None, "running") and (server.asleep or server.sleep_pending)
-    ]
+    sleepers = [server for server in servers if server.lifecycle in (None, "running") and (server.asleep or server.sleep_pending)]
     for server in sleepers:
         task = wakes.get(server.url)
         if task is not None and not task.done():

@@ -10,9 +10,10 @@ import enum
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from statistics import median
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from mvtui.cluster.fleet_status import FleetStatus
 from mvtui.config.schema import ServerConfig, TimingConfig
@@ -494,7 +495,7 @@ class Cluster:
     def record(self, record: RequestRecord) -> None:
         self.request_log.append(record)
 
-    def summary(self) -> "ClusterSummary":
+    def summary(self) -> ClusterSummary:
         servers = list(self.servers.values())
         # A down or sleeping server is not scraped: its last rates are history, not now.
         scraped = [server for server in servers if server.is_up and not server.asleep]

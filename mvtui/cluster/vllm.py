@@ -172,7 +172,7 @@ def parse_model_cards(body: bytes) -> list[dict[str, Any]]:
     payload = _json(body, "/v1/models")
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list):
-        raise VllmError(200, f"/v1/models answered {_excerpt(body)}, not {{\"data\": [model cards]}}")
+        raise VllmError(200, f'/v1/models answered {_excerpt(body)}, not {{"data": [model cards]}}')
     for index, card in enumerate(data):
         model_id = card.get("id") if isinstance(card, dict) else None
         if not isinstance(model_id, str) or not model_id.strip():
@@ -184,7 +184,7 @@ def parse_is_sleeping(body: bytes) -> bool:
     payload = _json(body, "/is_sleeping")
     sleeping = payload.get("is_sleeping") if isinstance(payload, dict) else None
     if not isinstance(sleeping, bool):
-        raise VllmError(200, f"/is_sleeping answered {_excerpt(body)}, not {{\"is_sleeping\": true|false}}")
+        raise VllmError(200, f'/is_sleeping answered {_excerpt(body)}, not {{"is_sleeping": true|false}}')
     return sleeping
 
 

@@ -11,7 +11,8 @@ or appended in place (`set_instance`, for `mvtui assign`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import tomlkit
 from tomlkit.items import AoT, Array, Comment, InlineTable, Item, Table, Whitespace

@@ -10,9 +10,10 @@ import difflib
 import math
 import re
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import tomlkit
@@ -320,7 +321,7 @@ def _devices(value: Any) -> str | None:
         ok = all(part.strip().isascii() and part.strip().isdigit() for part in value)
     else:
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-    return None if ok else f"expected GPU indices like [0, 1] or \"0,1\", got {_describe(value)}"
+    return None if ok else f'expected GPU indices like [0, 1] or "0,1", got {_describe(value)}'
 
 
 def _port_range(value: Any) -> str | None:

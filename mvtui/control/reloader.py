@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from mvtui.config.watch import FileWatcher
 from mvtui.control.live_config import LiveConfig
@@ -31,7 +31,7 @@ class ConfigReloader:
         self._task = self._keep_running(self.watcher.run, "config watcher")
         try:
             await asyncio.wait_for(self.watcher.ready.wait(), WATCH_START_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("watching %s is slow to start; changes may be seen late", self.path)
         await self.live.load()
 

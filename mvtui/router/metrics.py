@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,7 +21,9 @@ class RouterMetrics:
         self.requests = Counter(
             "mvtui_requests", "Requests answered, by server, model and status", ["server", "model", "status"], registry=registry
         )
-        self.retries = Counter("mvtui_retries", "Requests retried on another server, by the server that failed", ["server"], registry=registry)
+        self.retries = Counter(
+            "mvtui_retries", "Requests retried on another server, by the server that failed", ["server"], registry=registry
+        )
         self.latency = Histogram(
             "mvtui_request_latency_seconds", "Time from request to last byte", ["model"], buckets=LATENCY_BUCKETS, registry=registry
         )
@@ -29,7 +31,10 @@ class RouterMetrics:
             "mvtui_time_to_first_token_seconds", "Time to the first streamed chunk", ["model"], buckets=LATENCY_BUCKETS, registry=registry
         )
         self.upstream_errors = Counter(
-            "mvtui_upstream_errors", "Failed tries on a server (5xx, redirect, timeout, cut, connect...), by server and kind", ["server", "kind"], registry=registry
+            "mvtui_upstream_errors",
+            "Failed tries on a server (5xx, redirect, timeout, cut, connect...), by server and kind",
+            ["server", "kind"],
+            registry=registry,
         )
         self.poll_errors = Counter("mvtui_poll_errors", "Failed health or metrics polls", ["server", "kind"], registry=registry)
         self.queue_wait = Histogram(
@@ -59,7 +64,9 @@ class ClusterCollector(Collector):
         up = GaugeMetricFamily("mvtui_server_up", "1 when the server is healthy", labels=["server"])
         load = GaugeMetricFamily("mvtui_server_load", "Load score used for routing", labels=["server"])
         routable = GaugeMetricFamily("mvtui_server_routable", "1 when the server may get new requests", labels=["server"])
-        breaker = GaugeMetricFamily("mvtui_server_breaker_state", "Circuit breaker: 0 closed, 1 half-open (a probe out), 2 open", labels=["server"])
+        breaker = GaugeMetricFamily(
+            "mvtui_server_breaker_state", "Circuit breaker: 0 closed, 1 half-open (a probe out), 2 open", labels=["server"]
+        )
         opened = CounterMetricFamily("mvtui_breaker_opened", "Times the server's circuit breaker opened", labels=["server"])
         for server in self.cluster:
             in_flight.add_metric([server.name], server.in_flight)

@@ -246,7 +246,9 @@ class Proxy:
                 503, f"No server that answered serves `{model}`; models not reported yet by {by}", headers={"Retry-After": RETRY_AFTER_S}
             )
         models = self.cluster.models()
-        return ProxyError(404, f"The model `{model}` does not exist. Available models: {', '.join(models) or 'none'}", code="model_not_found")
+        return ProxyError(
+            404, f"The model `{model}` does not exist. Available models: {', '.join(models) or 'none'}", code="model_not_found"
+        )
 
     def _none_available(self, model: str) -> ProxyError:
         error = self._unavailable(model)
@@ -263,7 +265,9 @@ class Proxy:
     def _all_breakers_open(self, model: str, routable: list[Server], excluded: set[str]) -> ProxyError:
         blocked = [server for server in routable if server.url not in excluded]
         if not blocked:  # every server that may take it already failed this very request
-            return ProxyError(502, f"Every server for `{model}` failed this request; see the request log", headers={"Retry-After": RETRY_AFTER_S})
+            return ProxyError(
+                502, f"Every server for `{model}` failed this request; see the request log", headers={"Retry-After": RETRY_AFTER_S}
+            )
         wait = self.breakers.retry_after(blocked, time.monotonic())
         return ProxyError(
             503, f"Every server for `{model}` is failing (circuit breaker open); retry in {wait} s", headers={"Retry-After": str(wait)}
@@ -401,7 +405,9 @@ class Proxy:
             server.stats.ttft.append(outcome.ttft)
             self.metrics.ttft.labels(model).observe(outcome.ttft)
         self.cluster.record(
-            RequestRecord(time.time(), request.method, request.path, model, server.name, status, latency, outcome.ttft, outcome.tokens, retries)
+            RequestRecord(
+                time.time(), request.method, request.path, model, server.name, status, latency, outcome.ttft, outcome.tokens, retries
+            )
         )
 
     def _record_rejection(self, request: web.Request, model: str | None, status: int, started: float) -> None:

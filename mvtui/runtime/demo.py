@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import math
 import random
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 
@@ -98,6 +98,6 @@ class SyntheticLoad:
             async with session.post(self.router_url + "/v1/chat/completions", json=body) as response:
                 async for _ in response.content.iter_any():
                     pass
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             log.debug("demo request failed: %s", error)
             await asyncio.sleep(1.0)

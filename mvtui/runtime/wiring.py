@@ -12,8 +12,9 @@ import logging
 import random
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -113,7 +114,7 @@ class Services:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         return f"http://{shown}:{self.router_port}"
 
-    async def __aenter__(self) -> "Services":
+    async def __aenter__(self) -> Services:
         try:
             await self.start()
         except BaseException:  # what did start (session, tasks, instances) stops again
@@ -142,7 +143,9 @@ class Services:
         await self._serve()
         if self.fleet is not None:
             self.fleet.begin(*self._replica_identity())
-        self.admin = AdminServer(self._operator, self.config.admin, self.paths, session, spawn=self.spawn, router_url=lambda: self.router_url)
+        self.admin = AdminServer(
+            self._operator, self.config.admin, self.paths, session, spawn=self.spawn, router_url=lambda: self.router_url
+        )
         await self.admin.start()
         self.on_stop(self.admin.stop)
         if self.live.path is not None:

@@ -22,8 +22,7 @@ EXIT_DELAY_S = 0.05  # lets the answer to the exit request reach the client firs
 
 
 class AdminRoutes:
-    def __init__(self, runtime: Runtime, registry: CollectorRegistry, dev_mode: bool,
-                 on_exit: Callable[[], None]) -> None:
+    def __init__(self, runtime: Runtime, registry: CollectorRegistry, dev_mode: bool, on_exit: Callable[[], None]) -> None:
         self._runtime = runtime
         self._registry = registry
         self._dev_mode = dev_mode
@@ -108,5 +107,13 @@ class AdminRoutes:
 
 
 def model_card(name: str, root: str, parent: str | None, max_model_len: int, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "vllm", "root": root,
-            "parent": parent, "max_model_len": max_model_len, "permission": []}
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
+        "permission": [],
+    }

@@ -87,8 +87,12 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     add("--enable-sleep-mode", action="store_true", help="sleep API (also needs VLLM_SERVER_DEV_MODE=1)")
     add("--wake-ms-l1", type=float, default=d.wake_ms_l1, help="wake-up time after a level 1 sleep")
     add("--wake-ms-l2", type=float, default=d.wake_ms_l2, help="wake-up time after a level 2 sleep")
-    add("--sleep-requests", choices=SLEEP_REQUEST_MODES, default=d.sleep_requests,
-        help="a generation request sent to a sleeping engine hangs until woken, or fails with 500")
+    add(
+        "--sleep-requests",
+        choices=SLEEP_REQUEST_MODES,
+        default=d.sleep_requests,
+        help="a generation request sent to a sleeping engine hangs until woken, or fails with 500",
+    )
     add("--startup-ms", type=float, default=d.startup_ms, help="delay before listening (weights loading)")
     add("--legacy-metrics", action="store_true", help="vLLM <= 0.10 metric names (gpu_cache_usage_perc)")
     add("--api-key", default=d.api_key, help="require 'Authorization: Bearer KEY' on /v1 routes")

@@ -80,8 +80,7 @@ class ChatFormat(_ChunkStream):
     object_name = "chat.completion.chunk"
 
     def _choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
-                  "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish_reason}
         if finish_reason is not None:
             choice["stop_reason"] = None
         return choice
@@ -94,8 +93,15 @@ class ChatFormat(_ChunkStream):
     def body(self, text: str, finish_reason: str, usage_: dict[str, int]) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "tool_calls": [], "reasoning_content": None}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
-        return {"id": self.id, "object": "chat.completion", "created": self._created, "model": self._model,
-                "choices": [choice], "usage": usage_, "prompt_logprobs": None}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self._created,
+            "model": self._model,
+            "choices": [choice],
+            "usage": usage_,
+            "prompt_logprobs": None,
+        }
 
 
 class CompletionFormat(_ChunkStream):
@@ -119,8 +125,15 @@ class ResponsesFormat:
         self._item_id = new_id("msg_")
         self._model, self._created = model, created
         self._sequence = 0
-        delta = {"type": "response.output_text.delta", "item_id": self._item_id, "output_index": 0,
-                 "content_index": 0, "delta": _MARKER, "logprobs": [], "sequence_number": 0}
+        delta = {
+            "type": "response.output_text.delta",
+            "item_id": self._item_id,
+            "output_index": 0,
+            "content_index": 0,
+            "delta": _MARKER,
+            "logprobs": [],
+            "sequence_number": 0,
+        }
         head, tail = _split_at_marker(delta)
         self._head = "event: response.output_text.delta\ndata: " + head
         self._tail_before_number = tail.removesuffix("0}")
@@ -134,23 +147,38 @@ class ResponsesFormat:
         content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" else []
         return {"id": self._item_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
-    def _response(self, status: str, output: list[dict[str, Any]], usage_: dict[str, Any] | None,
-                  finish_reason: str | None = None) -> dict[str, Any]:
+    def _response(
+        self, status: str, output: list[dict[str, Any]], usage_: dict[str, Any] | None, finish_reason: str | None = None
+    ) -> dict[str, Any]:
         incomplete = {"reason": "max_output_tokens"} if finish_reason == "length" else None
-        return {"id": self.id, "object": "response", "created_at": self._created, "model": self._model,
-                "status": "incomplete" if incomplete else status, "incomplete_details": incomplete,
-                "output": output, "usage": usage_, "error": None, "instructions": None, "tools": [],
-                "tool_choice": "auto", "parallel_tool_calls": True, "temperature": 1.0, "top_p": 1.0}
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self._created,
+            "model": self._model,
+            "status": "incomplete" if incomplete else status,
+            "incomplete_details": incomplete,
+            "output": output,
+            "usage": usage_,
+            "error": None,
+            "instructions": None,
+            "tools": [],
+            "tool_choice": "auto",
+            "parallel_tool_calls": True,
+            "temperature": 1.0,
+            "top_p": 1.0,
+        }
 
     def stream_head(self) -> str:
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        return "".join([
-            self._event("response.created", response=self._response("in_progress", [], None)),
-            self._event("response.in_progress", response=self._response("in_progress", [], None)),
-            self._event("response.output_item.added", output_index=0, item=self._message("", "in_progress")),
-            self._event("response.content_part.added", item_id=self._item_id, output_index=0, content_index=0,
-                        part=part),
-        ])
+        return "".join(
+            [
+                self._event("response.created", response=self._response("in_progress", [], None)),
+                self._event("response.in_progress", response=self._response("in_progress", [], None)),
+                self._event("response.output_item.added", output_index=0, item=self._message("", "in_progress")),
+                self._event("response.content_part.added", item_id=self._item_id, output_index=0, content_index=0, part=part),
+            ]
+        )
 
     def token_events(self, words: Iterable[int]) -> str:
         events = []
@@ -162,14 +190,14 @@ class ResponsesFormat:
     def stream_tail(self, text: str, finish_reason: str, usage_: dict[str, int], include_usage: bool) -> str:
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
         message = self._message(text, "completed")
-        return "".join([
-            self._event("response.output_text.done", item_id=self._item_id, output_index=0, content_index=0,
-                        text=text, logprobs=[]),
-            self._event("response.content_part.done", item_id=self._item_id, output_index=0, content_index=0,
-                        part=part),
-            self._event("response.output_item.done", output_index=0, item=message),
-            self._event("response.completed", response=self.body(text, finish_reason, usage_)),
-        ])
+        return "".join(
+            [
+                self._event("response.output_text.done", item_id=self._item_id, output_index=0, content_index=0, text=text, logprobs=[]),
+                self._event("response.content_part.done", item_id=self._item_id, output_index=0, content_index=0, part=part),
+                self._event("response.output_item.done", output_index=0, item=message),
+                self._event("response.completed", response=self.body(text, finish_reason, usage_)),
+            ]
+        )
 
     def body(self, text: str, finish_reason: str, usage_: dict[str, int]) -> dict[str, Any]:
         responses_usage = {

@@ -33,8 +33,7 @@ def plan_sequence(runtime: Runtime, request: GenerationRequest, request_id: str)
     return _sequence(request, request_id, words, len(words), "length", runtime)
 
 
-def _sequence(request: GenerationRequest, request_id: str, words: list[int], visible: int, reason: str,
-              runtime: Runtime) -> Sequence:
+def _sequence(request: GenerationRequest, request_id: str, words: list[int], visible: int, reason: str, runtime: Runtime) -> Sequence:
     return Sequence(
         request_id=request_id,
         prompt_tokens=request.prompt.tokens,
@@ -65,8 +64,7 @@ class GenerationRoutes:
 
         return handle
 
-    async def _generate(self, request: web.Request, parser: Parser,
-                        format_class: type[GenerationFormat]) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, parser: Parser, format_class: type[GenerationFormat]) -> web.StreamResponse:
         runtime = self._runtime
         runtime.counters.received += 1
         if runtime.faults.redirect_to is not None:
@@ -86,8 +84,9 @@ class GenerationRoutes:
         finally:
             runtime.engine.abort(seq)  # a no-op once finished; frees the slot on disconnect
 
-    async def _stream(self, request: web.Request, generation: GenerationRequest, seq: Sequence,
-                      output: GenerationFormat) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, generation: GenerationRequest, seq: Sequence, output: GenerationFormat
+    ) -> web.StreamResponse:
         cut = self._runtime.faults.cut_after_tokens
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
@@ -118,8 +117,9 @@ class GenerationRoutes:
         text_out = text.words_text(seq.words[: seq.visible])
         return output.stream_tail(text_out, seq.end_reason, self._usage(seq), generation.include_usage)
 
-    async def _complete(self, request: web.Request, generation: GenerationRequest, seq: Sequence,
-                        output: GenerationFormat) -> web.StreamResponse:
+    async def _complete(
+        self, request: web.Request, generation: GenerationRequest, seq: Sequence, output: GenerationFormat
+    ) -> web.StreamResponse:
         cut = self._runtime.faults.cut_after_tokens
         while not seq.finished and (cut is None or seq.generated <= cut):
             await seq.wait_progress(seq.generated)

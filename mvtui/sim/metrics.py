@@ -20,12 +20,54 @@ if TYPE_CHECKING:
     from mvtui.sim.config import SimConfig
 
 # Bucket bounds as vLLM defines them (vllm/v1/metrics/loggers.py).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-               40.0, 80.0)
-REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 SLEEP_STATES = {0: "awake", 1: "weights_offloaded", 2: "discard_all"}
 
@@ -59,7 +101,7 @@ class Histogram:
 
     def cumulative_buckets(self) -> list[tuple[str, float]]:
         running, buckets = 0, []
-        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
         return buckets
@@ -163,20 +205,25 @@ class SimCollector(Collector):
         yield self._gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", live.waiting)
         kv_name = "vllm:gpu_cache_usage_perc" if config.legacy_metrics else "vllm:kv_cache_usage_perc"
         yield self._gauge(kv_name, "KV-cache usage. 1 means 100 percent usage.", live.kv_usage)
-        info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-                                 labels=["block_size", "num_gpu_blocks", "enable_prefix_caching", "engine"])
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            labels=["block_size", "num_gpu_blocks", "enable_prefix_caching", "engine"],
+        )
         info.add_metric([str(config.block_size), str(config.kv_blocks), "True", "0"], 1.0)
         yield info
         if config.legacy_metrics:
             return  # vLLM <= 0.10 had neither of the gauges below
-        by_reason = GaugeMetricFamily("vllm:num_requests_waiting_by_reason",
-                                      "Number of requests waiting, by the reason they wait.", labels=[*names, "reason"])
+        by_reason = GaugeMetricFamily(
+            "vllm:num_requests_waiting_by_reason", "Number of requests waiting, by the reason they wait.", labels=[*names, "reason"]
+        )
         by_reason.add_metric([*values, "capacity"], live.waiting - live.waiting_deferred)
         by_reason.add_metric([*values, "deferred"], live.waiting_deferred)
         yield by_reason
         if config.enable_sleep_mode:
-            sleep = GaugeMetricFamily("vllm:engine_sleep_state", "Engine sleep state; 1 marks the current one.",
-                                      labels=[*names, "sleep_state"])
+            sleep = GaugeMetricFamily(
+                "vllm:engine_sleep_state", "Engine sleep state; 1 marks the current one.", labels=[*names, "sleep_state"]
+            )
             for level, state in SLEEP_STATES.items():
                 sleep.add_metric([*values, state], 1.0 if live.sleep_level == level else 0.0)
             yield sleep
@@ -196,8 +243,9 @@ class SimCollector(Collector):
         yield self._counter(f"{prefix_cache}_hits", "Prefix cache hits, in terms of tokens.", m.prefix_hits)
         yield self._counter("vllm:num_preemptions", "Cumulative number of preemptions.", m.preemptions)
         names, values = self._labels()
-        success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
-                                      labels=[*names, "finished_reason"])
+        success = CounterMetricFamily(
+            "vllm:request_success", "Count of successfully processed requests.", labels=[*names, "finished_reason"]
+        )
         for reason, count in m.finished.items():
             success.add_metric([*values, reason], count, created=m.created)
         yield success
@@ -218,8 +266,7 @@ class SimCollector(Collector):
             ("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", m.iteration_tokens),
         ]
         if self._config.legacy_metrics:
-            families.append(("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.",
-                             m.inter_token_latency))
+            families.append(("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.", m.inter_token_latency))
         names, values = self._labels()
         for name, doc, histogram in families:
             family = HistogramMetricFamily(name, doc, labels=names)

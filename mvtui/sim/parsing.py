@@ -119,9 +119,7 @@ def parse_responses(body: dict[str, Any], config: SimConfig, model: str) -> Gene
     return _generation(body, config, model, prompt, body.get("max_output_tokens"), "max_output_tokens")
 
 
-def _generation(
-    body: dict[str, Any], config: SimConfig, model: str, prompt: Prompt, limit: Any, limit_name: str
-) -> GenerationRequest:
+def _generation(body: dict[str, Any], config: SimConfig, model: str, prompt: Prompt, limit: Any, limit_name: str) -> GenerationRequest:
     max_tokens = output_budget(config, prompt.tokens, limit, limit_name)
     stream_options = body.get("stream_options") or {}
     seed = body.get("seed")

@@ -65,7 +65,7 @@ def score_pairs(body: dict[str, Any]) -> list[tuple[str, str]]:
         firsts = firsts * len(seconds)
     if len(firsts) != len(seconds):
         raise ApiError(400, "text_1 and text_2 must have the same length, or text_1 a single text")
-    return list(zip(firsts, seconds))
+    return list(zip(firsts, seconds, strict=True))
 
 
 class PoolingRoutes:
@@ -101,13 +101,15 @@ class PoolingRoutes:
         """Run the inputs' prefill through the engine; returns their total tokens once done."""
         runtime, limit = self._runtime, self._runtime.config.max_model_len
         if max(token_counts) > limit:
-            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you "
-                                f"requested {max(token_counts)} tokens in the input for embedding generation.")
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {max(token_counts)} tokens in the input for embedding generation.",
+            )
         await runtime.admit()
         # vLLM runs one engine request per input; one sequence of at most a context's worth stands in.
         total = sum(token_counts)
-        seq = Sequence(request_id=new_id("pool-"), prompt_tokens=min(total, limit), words=(), visible=0,
-                       end_reason="stop")
+        seq = Sequence(request_id=new_id("pool-"), prompt_tokens=min(total, limit), words=(), visible=0, end_reason="stop")
         runtime.engine.submit(seq)
         try:
             await seq.wait_finished()
@@ -118,8 +120,14 @@ class PoolingRoutes:
         return total
 
     def _envelope(self, prefix: str, model: str, data: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
-        return {"id": new_id(prefix), "object": "list", "created": int(time.time()), "model": model,
-                "data": data, "usage": usage(tokens, 0)}
+        return {
+            "id": new_id(prefix),
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": usage(tokens, 0),
+        }
 
     async def _embeddings(self, body: dict[str, Any], model: str) -> dict[str, Any]:
         inputs = pooling_inputs(require(body, "input"), "input")
@@ -131,15 +139,13 @@ class PoolingRoutes:
         data = []
         for index, item in enumerate(inputs):
             vector = text.embedding(item.key, dimensions)
-            data.append({"index": index, "object": "embedding",
-                         "embedding": text.embedding_base64(vector) if as_base64 else vector})
+            data.append({"index": index, "object": "embedding", "embedding": text.embedding_base64(vector) if as_base64 else vector})
         return self._envelope("embd-", model, data, tokens)
 
     async def _pooling(self, body: dict[str, Any], model: str) -> dict[str, Any]:
         inputs = pooling_inputs(require(body, "input"), "input")
         tokens = await self._prefill([item.tokens for item in inputs])
-        data = [{"index": i, "object": "pooling", "data": text.embedding(item.key, DEFAULT_EMBEDDING_DIM)}
-                for i, item in enumerate(inputs)]
+        data = [{"index": i, "object": "pooling", "data": text.embedding(item.key, DEFAULT_EMBEDDING_DIM)} for i, item in enumerate(inputs)]
         return self._envelope("pool-", model, data, tokens)
 
     async def _classify(self, body: dict[str, Any], model: str) -> dict[str, Any]:
@@ -149,8 +155,7 @@ class PoolingRoutes:
         for index, item in enumerate(inputs):
             positive = text.relevance("good great fast ready", item.key)
             probs = [round(1.0 - positive, 6), positive]
-            data.append({"index": index, "label": CLASS_LABELS[probs[1] >= 0.5], "probs": probs,
-                         "num_classes": len(CLASS_LABELS)})
+            data.append({"index": index, "label": CLASS_LABELS[probs[1] >= 0.5], "probs": probs, "num_classes": len(CLASS_LABELS)})
         return self._envelope("classify-", model, data, tokens)
 
     async def _score(self, body: dict[str, Any], model: str) -> dict[str, Any]:
@@ -169,8 +174,7 @@ class PoolingRoutes:
         if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
             raise ApiError(400, "top_n must be a non-negative integer", param="top_n")
         tokens = await self._prefill([text.count_tokens(query) + text.count_tokens(t) for t in texts])
-        results = [{"index": i, "document": {"text": t}, "relevance_score": text.relevance(query, t)}
-                   for i, t in enumerate(texts)]
+        results = [{"index": i, "document": {"text": t}, "relevance_score": text.relevance(query, t)} for i, t in enumerate(texts)]
         results.sort(key=lambda r: float(r["relevance_score"]), reverse=True)  # type: ignore[arg-type]
         if body.get("return_documents") is False:
             for result in results:
@@ -188,8 +192,9 @@ class PoolingRoutes:
                 raise ApiError(400, "prompt must be a string", param="prompt")
         ids = text.encode(source)
         strings = text.token_strings(ids) if body.get("return_token_strs") else None
-        return web.json_response({"count": len(ids), "max_model_len": self._runtime.config.max_model_len,
-                                  "tokens": ids, "token_strs": strings})
+        return web.json_response(
+            {"count": len(ids), "max_model_len": self._runtime.config.max_model_len, "tokens": ids, "token_strs": strings}
+        )
 
     async def _detokenize(self, request: web.Request) -> web.Response:
         body = await read_json(request)

@@ -56,8 +56,7 @@ class SimServer:
         """Bind and serve; with startup_ms, nothing listens until that delay has passed."""
         if self.config.startup_ms:
             await asyncio.sleep(self.config.startup_ms / 1000.0)
-        runner = web.AppRunner(self._build_app(), handler_cancellation=True, access_log=None,
-                               shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        runner = web.AppRunner(self._build_app(), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port, backlog=LISTEN_BACKLOG)
         try:
@@ -80,8 +79,7 @@ class SimServer:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.stop()
 
     def _build_app(self) -> web.Application:
