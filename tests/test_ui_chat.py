@@ -194,3 +194,21 @@ async def test_a_conversation_is_kept_per_model(paths: AppPaths) -> None:
         screen = app.screen
         assert isinstance(screen, ChatScreen) and screen.context.conversation is kept
         assert transcript(screen) == [("user", "you  hi"), ("assistant", "llama-3.1-8b  hello there")]
+
+
+async def test_a_router_that_cannot_be_reached_is_said_and_nothing_is_kept(paths: AppPaths) -> None:
+    services = frozen_services(paths)
+    services.router_port = free_port()  # nothing listens there
+    app = create_app(frozen_factory(services), paths, user_themes=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.settled()
+        await pilot.press("c")
+        screen = app.screen
+        assert isinstance(screen, ChatScreen)
+        await ask(pilot, screen, "anyone?")
+        await eventually(lambda: screen.answering.is_finished, what="the question over")
+        await pilot.pause()
+        (asked, _), (role, text) = transcript(screen)
+        assert asked == "user" and role == "error"
+        assert text.startswith(f"cannot reach the router at http://127.0.0.1:{services.router_port}: ")
+        assert screen.context.conversation.turns == []

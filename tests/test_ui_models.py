@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,10 @@ from textual.widgets import DataTable, Input
 
 from mvtui.config.schema import InstanceConfig
 from mvtui.errors import CommandError
-from mvtui.models.cache import scan_models
+from mvtui.models.cache import CacheListing, scan_models
 from mvtui.paths import AppPaths
 from mvtui.ui.app import Dashboard, create_app
-from mvtui.ui.models_screen import InstanceForm, ModelsScreen, parse_devices, parse_share, suggested_name, uses
+from mvtui.ui.models_screen import InstanceForm, ModelsScreen, parse_devices, parse_share, suggested_name
 from tests.helpers import REPO_ROOT, eventually
 from tests.hf_cache import CHAT_CONFIG, EMBED_CONFIG, CachedRepo, build_cache
 from tests.test_ui import FAST_TIMING, core_from_file
@@ -107,7 +108,7 @@ async def test_the_models_screen_lists_the_cache_with_the_instances_using_each(t
     async with app.run_test(size=(140, 30)) as pilot:
         await app.settled()
         screen = await open_models(app, pilot, 2)
-        day = __import__("datetime").datetime.fromtimestamp(FROZEN_AT).strftime("%Y-%m-%d")
+        day = datetime.fromtimestamp(FROZEN_AT).strftime("%Y-%m-%d")
         assert rows(app) == {
             "acme/tiny-chat": ["acme/tiny-chat", "generation", "3.0 GiB", CHAT.commit[:12], day, "chat ○ stopped"],
             "acme/tiny-embed": ["acme/tiny-embed", "embedding", "90.0 MiB", EMBED.commit[:12], day, "-"],
@@ -118,7 +119,7 @@ async def test_the_models_screen_lists_the_cache_with_the_instances_using_each(t
         assert not isinstance(app.screen, ModelsScreen)
 
 
-async def test_an_empty_or_missing_cache_says_how_to_fill_it(paths: AppPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_empty_or_missing_cache_says_how_to_fill_it(paths: AppPaths, tmp_path: Path) -> None:
     app = create_app(frozen_factory(frozen_services(paths)), paths, user_themes=False)
     app.scan_models = lambda: scan_models(tmp_path / "nowhere")
     async with app.run_test(size=(120, 30)) as pilot:
@@ -240,9 +241,9 @@ def test_the_form_fields_parse_like_the_cli() -> None:
 def test_an_entry_uses_a_model_by_repo_id_or_by_a_path_into_the_cache(hf_cache: Path) -> None:
     chat = scan_models(hf_cache).find("acme/tiny-chat")
     assert chat is not None
-    assert uses("ACME/Tiny-Chat", chat)
-    assert uses(str(chat.revision.path), chat)
-    assert not uses("acme/tiny-embed", chat) and not uses("tiny-chat", chat)
+    assert chat.is_used_by("ACME/Tiny-Chat")
+    assert chat.is_used_by(str(chat.revision.path))
+    assert not chat.is_used_by("acme/tiny-embed") and not chat.is_used_by("tiny-chat")
 
 
 async def test_the_operator_adds_an_instance_live_without_a_config_file(paths: AppPaths) -> None:
@@ -257,3 +258,18 @@ async def test_the_operator_adds_an_instance_live_without_a_config_file(paths: A
     with pytest.raises(CommandError, match=r"gpu_memory_utilization: must be at most 1, got 2"):
         await services.operator.add_instance({"model": "acme/other", "gpu_memory_utilization": 2})
     assert json.dumps(outcome.as_json())
+
+
+async def test_a_cache_that_cannot_be_read_is_said_not_fatal(paths: AppPaths) -> None:
+    def broken() -> CacheListing:
+        raise OSError("Permission denied: '/srv/hf'")
+
+    app = create_app(frozen_factory(frozen_services(paths)), paths, user_themes=False)
+    app.scan_models = broken
+    async with app.run_test(size=(120, 30)) as pilot:
+        await app.settled()
+        await pilot.press("M")
+        head = app.screen.query_one("#models-head")
+        await eventually(lambda: "cannot read" in str(head.content), what="the problem")
+        assert str(head.content) == "cannot read the Hugging Face cache: OSError: Permission denied: '/srv/hf'"
+        assert app.is_running and isinstance(app.screen, ModelsScreen)

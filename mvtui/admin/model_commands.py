@@ -227,14 +227,7 @@ def _configured_users(path: Path, err: TextIO) -> Users:
 
 
 def users_of(model: CachedModel, users: Users) -> list[dict[str, Any]]:
-    return [instance for instance in users.instances if _uses(instance["model"], model)]
-
-
-def _uses(configured: str, model: CachedModel) -> bool:
-    if configured.lower() == model.repo_id.lower():
-        return True
-    path = Path(configured).expanduser()
-    return path.is_absolute() and path.resolve().is_relative_to(model.path.resolve())
+    return [instance for instance in users.instances if model.is_used_by(instance["model"])]
 
 
 def _not_cached(listing: CacheListing, users: Users) -> list[dict[str, Any]]:

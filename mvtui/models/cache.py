@@ -52,6 +52,13 @@ class CachedModel:
     revisions: tuple[Revision, ...]  # newest first
     path: Path
 
+    def is_used_by(self, configured: str) -> bool:
+        """Whether an [[instances]] entry's `model` (a repo id, or a path into the cache) is this model."""
+        if configured.lower() == self.repo_id.lower():
+            return True
+        path = Path(configured).expanduser()
+        return path.is_absolute() and path.resolve().is_relative_to(self.path.resolve())
+
     def as_json(self) -> dict[str, Any]:
         return {
             "repo_id": self.repo_id,

@@ -270,7 +270,11 @@ class Dashboard(App[None]):
             summary = core.cluster.summary()
             router = core.router_url if core.router_port is not None else None
             counts = panels.server_counts(core.cluster)
-            bar.set_text(panels.cluster_line(summary, router, palette, self.size.width - 2, self._note(summary.in_flight), counts, core.cluster.fleet))
+            bar.set_text(
+                panels.cluster_line(
+                    summary, router, palette, self.size.width - 2, self._note(summary.in_flight), counts, core.cluster.fleet
+                )
+            )
             self._apply_keys(core.config.ui.keys)
             self._show_problems(core, palette)
             self._show_servers(palette)

@@ -13,6 +13,7 @@ streaming (the router cancels it upstream); Esc again closes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,13 +29,15 @@ from textual.widgets import Input, Static
 from textual.worker import Worker
 
 from mvtui.cluster.state import Server
-from mvtui.errors import CommandError
+from mvtui.errors import MvtuiError
 from mvtui.models.chat import Conversation
 from mvtui.ui.actions import CoreActions
 from mvtui.ui.panels import Palette
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
+
+log = logging.getLogger(__name__)
 
 PAINT_EVERY_S = 0.05  # an answer is repainted at most this often while it streams
 HELP = "/clear forgets the conversation · /system TEXT sets the system prompt (/system alone shows it)"
@@ -204,7 +207,7 @@ class ChatScreen(ModalScreen[None]):
         self.note(f"{server.name} is {server.state}: {'starting' if need == 'start' else 'waking'} it first")
         try:
             said = await (actions.start(server) if need == "start" else actions.wake(server))
-        except CommandError as error:
+        except MvtuiError as error:
             self.note(f"could not {need} {server.name}: {error}", error=True)
             return False
         self.note(said)
@@ -223,13 +226,24 @@ class ChatScreen(ModalScreen[None]):
         except asyncio.CancelledError:
             answer.stopped = True
         except APIError as error:  # the router cannot be reached, or said no
-            self.note(api_problem(error, self.context.router_url), error=True)
+            self.failed(view, answer, api_problem(error, self.context.router_url))
             return
-        finally:
-            view.update(self.message_text("assistant", answer.text))
+        except Exception as error:  # whatever else: said here, never the dashboard's end
+            log.exception("the chat with %s failed", self.context.model)
+            self.failed(view, answer, f"{type(error).__name__}: {error}")
+            return
+        view.update(self.message_text("assistant", answer.text))
         self.context.conversation.add(question, answer.text)
         self.note(("stopped · " if answer.stopped else "") + answer.stats())
         self.show_status()
+
+    def failed(self, view: Static, answer: Answer, problem: str) -> None:
+        """An answer that failed: what came of it stays on screen (not in the conversation)."""
+        if answer.text:
+            view.update(self.message_text("assistant", answer.text))
+        else:
+            view.remove()
+        self.note(problem, error=True)
 
     async def stream(self, question: str, answer: Answer, view: Static) -> None:
         """Read the answer's chunks as they come, painting the text so far."""

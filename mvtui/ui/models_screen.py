@@ -10,11 +10,11 @@ loaded then, never when the dashboard starts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -33,6 +33,8 @@ from mvtui.models.cache import CachedModel, CacheListing
 from mvtui.ui import panels
 from mvtui.ui.actions import CoreActions
 from mvtui.ui.panels import Palette
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("model", "kind", "size", "revision", "downloaded", "instances")
 NARROW_COLUMNS = ("model", "instances", "size", "kind")  # below WIDE_MIN_WIDTH: what matters most first
@@ -55,16 +57,8 @@ class ModelsContext:
 # --- what a row shows ----------------------------------------------------------------------
 
 
-def uses(configured: str, model: CachedModel) -> bool:
-    """Whether an entry's `model` (a repo id, or a path into the cache) is this cached model."""
-    if configured.lower() == model.repo_id.lower():
-        return True
-    path = Path(configured).expanduser()
-    return path.is_absolute() and path.resolve().is_relative_to(model.path.resolve())
-
-
 def users_of(model: CachedModel, instances: Iterable[Instance]) -> list[Instance]:
-    return [instance for instance in instances if uses(instance.config.model, model)]
+    return [instance for instance in instances if model.is_used_by(instance.config.model)]
 
 
 def size_text(size: int) -> str:
@@ -194,6 +188,9 @@ class ModelsScreen(ModalScreen[None]):
             listing = await asyncio.to_thread(self.context.scan)
         except CommandError as error:
             self.listing, self.problem = None, str(error)
+        except Exception as error:  # a cache huggingface_hub cannot read must not take the dashboard down
+            log.exception("reading the Hugging Face cache failed")
+            self.listing, self.problem = None, f"cannot read the Hugging Face cache: {type(error).__name__}: {error}"
         else:
             self.listing, self.problem = listing, None
         self.show()
@@ -220,8 +217,9 @@ class ModelsScreen(ModalScreen[None]):
             head.update(Text(self.problem or "", style=palette.down))
             return
         head.update(Text(f"cache: {self.listing.folder}", style=palette.muted))
+        instances = self._instances()
         for model in self.listing.models:
-            users = users_of(model, self._instances())
+            users = users_of(model, instances)
             self._users[model.repo_id] = instances_cell(users, palette)
             table.add_row(*model_cells(model, users, palette, self.columns), key=model.repo_id)
         if chosen is not None and chosen in table.rows:

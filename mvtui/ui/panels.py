@@ -408,7 +408,9 @@ def _router_view(server: Server, palette: Palette) -> list[Text]:
     elif state == "half-open":
         lines.append(Text.assemble(("breaker ", palette.muted), ("half-open (probing)", f"bold {palette.busy}")))
     if server.has_metrics is False:
-        lines.append(Text.assemble(("no metrics", f"bold {palette.muted}"), (" from this server: load from requests in flight", palette.muted)))
+        lines.append(
+            Text.assemble(("no metrics", f"bold {palette.muted}"), (" from this server: load from requests in flight", palette.muted))
+        )
     return lines
 
 
