@@ -116,11 +116,16 @@ class Candidate:
     capacity: int
     sent_since_scrape: int
     in_flight: int
+    remote_in_flight: float = 0.0  # other routers' requests there (the fleet)
+
+    @property
+    def total_in_flight(self) -> float:
+        return self.in_flight + self.remote_in_flight
 
 
 load = st.floats(allow_nan=True, allow_infinity=True)
 candidates = st.lists(
-    st.builds(Candidate, load, load, st.integers(1, 64), st.integers(0, 100), st.integers(0, 100)), min_size=1, max_size=6
+    st.builds(Candidate, load, load, st.integers(1, 64), st.integers(0, 100), st.integers(0, 100), load), min_size=1, max_size=6
 )
 
 
