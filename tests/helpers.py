@@ -186,3 +186,18 @@ async def eventually(predicate: Callable[[], T], timeout: float = 30.0, every: f
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s")
         await asyncio.sleep(every)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of a process group (zombies are dead and not counted)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members

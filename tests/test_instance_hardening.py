@@ -31,7 +31,7 @@ from mvtui.instances.idle import IdleKeeper
 from mvtui.instances.listeners import check_listener, parse_address
 from mvtui.instances.manager import InstanceManager
 from mvtui.instances.registry import Registry
-from tests.helpers import REPO_ROOT, Proc, admin_files, eventually, free_port, start_mvtui, start_sim
+from tests.helpers import REPO_ROOT, Proc, admin_files, eventually, free_port, group_members, start_mvtui, start_sim
 
 TIMING = TimingConfig(metrics_interval=0.1, health_check_interval=0.5, drain_timeout=5, wake_timeout=30, shutdown_timeout=3)
 SIM = (sys.executable, "-m", "mvtui", "sim", "--port", "{port}", "--model", "{served_name}", "--tokens-per-s", "500", "--ttft-ms", "1")
@@ -41,21 +41,6 @@ CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
 
 # --- processes and groups -----------------------------------------------------------------
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes whose process group is `pgid`."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry))
-    return members
 
 
 def alive(pid: int) -> bool:

@@ -27,7 +27,7 @@ from mvtui.instances.processes import RotatingLog, instance_command, instance_en
 from mvtui.instances.record import Instance
 from mvtui.paths import AppPaths
 from mvtui.runtime.wiring import Services
-from tests.helpers import REPO_ROOT, Proc, eventually, free_port, start_mvtui
+from tests.helpers import REPO_ROOT, Proc, eventually, free_port, group_members, start_mvtui
 
 GIB = 1024**3
 TIMING = TimingConfig(metrics_interval=0.1, health_check_interval=0.5, drain_timeout=10, wake_timeout=30, shutdown_timeout=3)
@@ -110,21 +110,6 @@ async def sim_state(instance: Instance) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
         async with session.get(instance.server.url + "/sim/state") as response:
             return await response.json()
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes of a process group (zombies are dead and not counted)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry))
-    return members
 
 
 def manager(services: Services) -> InstanceManager:

@@ -34,7 +34,7 @@ from mvtui.router.headers import authorized
 from mvtui.router.metrics import RouterMetrics
 from mvtui.router.queue import Admission, QueueFull, QueueTimeout
 from mvtui.router.relay import CLIENT_CLOSED, AttemptFailed, Deadline, Failure, Outcome, Plan, attempt
-from mvtui.router.request_body import MIB, BodyError, read_body
+from mvtui.router.request_body import MIB, BodyError, json_object, read_body
 from mvtui.routing.policies import Chooser
 from mvtui.routing.retry_budget import RetryBudget, backoff
 
@@ -154,7 +154,10 @@ class Proxy:
 
     def _read_model(self, body: bytes | bytearray) -> tuple[bytes, str, bool]:
         """The body to forward, its model and whether it asks for a stream."""
-        payload = _json_object(body)
+        try:
+            payload = json_object(body)
+        except BodyError as error:
+            raise ProxyError(error.status, error.message) from None
         model = payload.get("model")
         if model is None:
             models = self.cluster.models()
@@ -449,18 +452,6 @@ async def _end_short(request: web.Request, response: web.StreamResponse, message
             request.transport.close()
     except ConnectionResetError:
         pass
-
-
-def _json_object(body: bytes | bytearray) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ProxyError(400, f"The request body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise ProxyError(400, "The request body is not valid JSON: it is nested too deeply") from None
-    if not isinstance(payload, dict):
-        raise ProxyError(400, "The request body must be a JSON object")
-    return payload
 
 
 def _json_bytes(payload: dict[str, Any]) -> bytes:

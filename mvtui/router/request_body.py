@@ -9,8 +9,9 @@ at the size limit (a gzip bomb costs at most `max_body_mb`).
 from __future__ import annotations
 
 import asyncio
+import json
 import zlib
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -125,3 +126,16 @@ class _Body:
 
 def _too_big(max_bytes: int) -> BodyError:
     return BodyError(413, f"The request body is larger than the router's limit of {max_bytes / MIB:g} MiB ([limits] max_body_mb)")
+
+
+def json_object(body: bytes | bytearray) -> dict[str, Any]:
+    """The body as a JSON object; BodyError (400) for anything else, deep nesting included."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BodyError(400, f"The request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise BodyError(400, "The request body is not valid JSON: it is nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise BodyError(400, "The request body must be a JSON object")
+    return payload

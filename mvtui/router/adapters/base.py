@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from mvtui.config.schema import Config
-from mvtui.router.request_body import MIB, BodyError, read_body
+from mvtui.router.request_body import MIB, BodyError, json_object, read_body
 
 ENTRY_POINT_GROUP = "mvtui.adapters"
 CHAT_PATH = "/v1/chat/completions"
@@ -85,10 +85,9 @@ class FrontDoorClient:
         """The client's body as a JSON object, read within `[limits]` like the proxy reads it."""
         limits = self.config().limits
         try:
-            body = await read_body(request, int(limits.max_body_mb * MIB), limits.body_timeout)
+            return json_object(await read_body(request, int(limits.max_body_mb * MIB), limits.body_timeout))
         except BodyError as error:
             raise AdapterError(error.status, error.message) from None
-        return json_object(body)
 
     async def get_json(self, request: web.Request, path: str) -> Any:
         """GET one of the router's routes; its error (a 401...) becomes an AdapterError."""
@@ -138,18 +137,6 @@ def error_message(raw: bytes) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error)
     return str(error or body)
-
-
-def json_object(body: bytes | bytearray) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise AdapterError(400, f"The request body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise AdapterError(400, "The request body is not valid JSON: it is nested too deeply") from None
-    if not isinstance(payload, dict):
-        raise AdapterError(400, "The request body must be a JSON object")
-    return payload
 
 
 @dataclass
