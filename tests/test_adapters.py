@@ -21,7 +21,7 @@ from mvtui.router.adapters import ollama as ollama_adapter
 from mvtui.router.adapters.base import ENTRY_POINT_GROUP, AdapterError, FrontDoorClient, loopback_url
 from mvtui.router.adapters.registry import adapter_routes
 from tests import http
-from tests.helpers import REPO_ROOT, Proc, free_port, start_mvtui, start_sim
+from tests.helpers import REPO_ROOT, Proc, free_port, start_mvtui, start_sim, wait_until
 from tests.router_setup import metric, start_router, wait_healthy, write_config
 
 KEY = "adapter-test-key"
@@ -101,8 +101,11 @@ def test_ollama_chat_not_streamed_has_ollama_fields_and_statistics(router: Proc)
     assert answer.eval_count == 5 and answer.prompt_eval_count and answer.prompt_eval_count > 0
     assert answer.total_duration and answer.total_duration >= (answer.eval_duration or 0) >= 0
     assert answer.load_duration == 0
-    # the adapter's request went through the router's own OpenAI route: counted there
-    assert metric(router, "mvtui_requests_total", model="llama", status="200") == before + 1
+    # the adapter's request went through the router's own OpenAI route: counted there, once the
+    # router's handler has finished (just after the last byte the adapter read)
+    counted = lambda: metric(router, "mvtui_requests_total", model="llama", status="200")  # noqa: E731
+    wait_until(lambda: counted() >= before + 1, timeout=10, what="the request counted by the router")
+    assert counted() == before + 1
 
 
 def test_ollama_chat_streamed_is_the_same_answer_in_pieces(router: Proc) -> None:
