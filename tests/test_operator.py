@@ -18,8 +18,8 @@ from mvtui.config.schema import Config, ServerConfig, parse_config
 from mvtui.control.live_config import LiveConfig
 from mvtui.control.overlay import Overlay
 from mvtui.errors import CommandError, ConfigEditError
+from tests.core_setup import cluster_file, core, save_by_rename
 from tests.helpers import Proc, eventually, start_sim
-from tests.test_reload import cluster_file, core, save_by_rename
 
 A, B = "http://a:1", "http://b:2"
 

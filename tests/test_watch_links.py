@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -13,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from mvtui.config.schema import Config, load_config
+from mvtui.config.schema import load_config
 from mvtui.config.watch import FileWatcher
 from mvtui.paths import AppPaths
 from mvtui.runtime.wiring import Services
+from tests.core_setup import on_loopback
 from tests.helpers import Proc, eventually, start_sim
 
 
@@ -133,11 +133,6 @@ def sim() -> Iterator[Proc]:
         yield proc
     finally:
         proc.stop()
-
-
-def on_loopback(config: Config) -> Config:
-    router = dataclasses.replace(config.router, host="127.0.0.1", port=0)
-    return dataclasses.replace(config, router=router, admin=dataclasses.replace(config.admin, enabled=False))
 
 
 def servers_toml(url: str, capacity: int) -> str:
