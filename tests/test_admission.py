@@ -11,7 +11,7 @@ from mvtui.cluster.state import EngineMetrics, Server
 from mvtui.config.schema import ServerConfig, TimingConfig, parse_config
 from mvtui.errors import ConfigError
 from mvtui.routing.breaker import Breaker, BreakerSettings, BreakerState
-from mvtui.routing.policies import POLICIES, Chooser
+from mvtui.routing.policies import BUILT_IN, Chooser
 from mvtui.routing.retry_budget import BACKOFF_MAX_S, MIN_RETRIES, RetryBudget, backoff
 
 SETTINGS = BreakerSettings(enabled=True, failures=3, cooldown=5.0, max_cooldown=30.0)
@@ -122,7 +122,7 @@ def test_random_is_a_policy_and_spreads() -> None:
     candidates = [Fake("a"), Fake("b"), Fake("c")]
     chooser = Chooser("random", random.Random(1))
     chosen = {chooser.choose(candidates).name for _ in range(60)}  # type: ignore[union-attr]
-    assert "random" in POLICIES and chosen == {"a", "b", "c"}
+    assert "random" in BUILT_IN and chosen == {"a", "b", "c"}
 
 
 def test_a_retry_takes_no_turn() -> None:

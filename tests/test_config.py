@@ -65,7 +65,7 @@ BROKEN = """\
 # my cluster
 [router]
 prot = 8080
-policy = "fastest"
+policy = "quickest"
 
 [admin]
 port = "x"
@@ -125,7 +125,7 @@ def test_unknown_keys_get_a_did_you_mean() -> None:
     assert "did you mean 'port'?" in messages["router.prot"]
     assert "did you mean 'max_concurrent_requests'?" in messages["servers[1].max_concurrrent_requests"]
     assert "did you mean 'health_check_interval'?" in messages["config.helth_check_interval"]
-    assert "balanced" in messages["router.policy"] and "'fastest'" in messages["router.policy"]
+    assert "balanced" in messages["router.policy"] and "'quickest'" in messages["router.policy"]
     (top,) = problems_of("[server]\nservers = []\n")
     assert top[0] == "server" and "did you mean 'servers'?" in top[3]
 

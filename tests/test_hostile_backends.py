@@ -24,7 +24,7 @@ from mvtui.cluster.state import Cluster, ClusterEvent, Health, Server
 from mvtui.cluster.vllm import MAX_ANSWER_BYTES, parse_metrics
 from mvtui.config.schema import ServerConfig, TimingConfig
 from mvtui.router.endpoints import server_status
-from mvtui.routing.policies import balanced, least_loaded, power_of_two
+from mvtui.routing.policies import Route, balanced, least_loaded, power_of_two
 from tests import http
 from tests.helpers import Proc, eventually, start_sim, wait_until
 from tests.hostile import Answer, HostileBackend, html_answer, json_answer, metrics_page
@@ -99,11 +99,11 @@ class Fake:
 def test_policies_choose_a_finite_candidate_whatever_the_order(bad: float) -> None:
     rng = random.Random(1)
     for candidates in ([Fake(bad), Fake(1.0)], [Fake(1.0), Fake(bad)]):
-        assert balanced(candidates, rng).running == 1.0
-        assert power_of_two(candidates, rng).running == 1.0
+        assert balanced(candidates, Route(rng)).running == 1.0
+        assert power_of_two(candidates, Route(rng)).running == 1.0
     broken = [Fake(bad, in_flight=0, capacity=1), Fake(bad)]
-    assert balanced(broken, rng) in broken
-    assert least_loaded(broken, rng) in broken
+    assert balanced(broken, Route(rng)) in broken
+    assert least_loaded(broken, Route(rng)) in broken
 
 
 def test_a_backend_reporting_nan_does_not_break_routing_for_its_model(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from mvtui.cluster.vllm import parse_is_sleeping, parse_metrics, parse_model_cards
 from mvtui.errors import VllmError
-from mvtui.routing.policies import POLICIES, balanced_score
+from mvtui.routing.policies import BUILT_IN, Route, balanced_score
+from mvtui.routing.speed import Speed
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -117,22 +118,38 @@ class Candidate:
     sent_since_scrape: int
     in_flight: int
     remote_in_flight: float = 0.0  # other routers' requests there (the fleet)
+    held: float = 0.0
+    has_room: bool = True
+    speed: Speed | None = None
 
     @property
     def total_in_flight(self) -> float:
         return self.in_flight + self.remote_in_flight
 
+    @property
+    def slots(self) -> int:
+        return self.capacity
+
+    def speed_of(self, model: str) -> Speed | None:
+        return self.speed
+
 
 load = st.floats(allow_nan=True, allow_infinity=True)
+speeds = st.none() | st.builds(Speed, st.none() | load, st.none() | load)
 candidates = st.lists(
-    st.builds(Candidate, load, load, st.integers(1, 64), st.integers(0, 100), st.integers(0, 100), load), min_size=1, max_size=6
+    st.builds(Candidate, load, load, st.integers(1, 64), st.integers(0, 100), st.integers(0, 100), load, load, st.booleans(), speeds),
+    min_size=1,
+    max_size=6,
 )
 
 
 @SETTINGS
-@given(candidates, st.sampled_from(sorted(POLICIES)), st.integers(0, 1000))
-def test_every_policy_chooses_one_of_the_candidates_whatever_their_numbers(pool: list[Candidate], name: str, turn: int) -> None:
-    chosen: Any = POLICIES[name](pool, random.Random(turn), turn)
+@given(candidates, st.sampled_from(sorted(BUILT_IN)), st.integers(0, 1000), st.none() | st.integers(1, 10**6), load)
+def test_every_policy_chooses_one_of_the_candidates_whatever_their_numbers(
+    pool: list[Candidate], name: str, turn: int, tokens: int | None, waited: float
+) -> None:
+    route = Route(random.Random(turn), turn, model="m", tokens=tokens, ahead=turn % 5, waited=waited)
+    chosen: Any = BUILT_IN[name](pool, route)
     assert any(chosen is candidate for candidate in pool)
     finite = [candidate for candidate in pool if math.isfinite(balanced_score(candidate))]
     if name == "balanced" and finite:

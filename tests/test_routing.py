@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from mvtui.routing.policies import POLICIES, Chooser, balanced, balanced_score, least_loaded, power_of_two, round_robin
+from mvtui.routing.policies import BUILT_IN, Chooser, Route, balanced, balanced_score, least_loaded, power_of_two, round_robin
 
 
 @dataclass
@@ -33,32 +33,32 @@ def test_balanced_score_is_mvllms_formula_plus_fresh_sends() -> None:
 def test_balanced_prefers_servers_under_half_load() -> None:
     busy = Fake("busy", running=3, capacity=4)
     light = Fake("light", running=1, capacity=4)
-    assert balanced([busy, light], random.Random(0)) is light
+    assert balanced([busy, light], Route(random.Random(0))) is light
 
 
 def test_balanced_counts_requests_sent_since_the_last_scrape() -> None:
     # Both scraped idle, but the router already sent three to the first one.
     first = Fake("first", sent_since_scrape=3)
     second = Fake("second")
-    assert balanced([first, second], random.Random(0)) is second
+    assert balanced([first, second], Route(random.Random(0))) is second
 
 
 def test_balanced_weighs_by_capacity() -> None:
     small = Fake("small", running=2, capacity=2)
     big = Fake("big", running=4, capacity=16)
-    assert balanced([small, big], random.Random(0)) is big
+    assert balanced([small, big], Route(random.Random(0))) is big
 
 
 def test_every_server_full_still_chooses_the_least_loaded() -> None:
     a = Fake("a", running=4, waiting=6, capacity=4)
     b = Fake("b", running=4, waiting=2, capacity=4)
-    assert balanced([a, b], random.Random(0)) is b
+    assert balanced([a, b], Route(random.Random(0))) is b
 
 
 def test_ties_are_broken_at_random() -> None:
     servers = [Fake("a"), Fake("b"), Fake("c")]
     rng = random.Random(1)
-    picks = Counter(balanced(servers, rng).name for _ in range(300))
+    picks = Counter(balanced(servers, Route(rng)).name for _ in range(300))
     assert set(picks) == {"a", "b", "c"}
     assert min(picks.values()) > 50
 
@@ -66,21 +66,21 @@ def test_ties_are_broken_at_random() -> None:
 def test_least_loaded_uses_the_routers_own_in_flight_per_capacity() -> None:
     small = Fake("small", in_flight=2, capacity=2, running=0)
     big = Fake("big", in_flight=4, capacity=16, running=50)
-    assert least_loaded([small, big], random.Random(0)) is big
+    assert least_loaded([small, big], Route(random.Random(0))) is big
 
 
 def test_round_robin_takes_turns() -> None:
     servers = [Fake("a"), Fake("b"), Fake("c")]
-    assert [round_robin(servers, random.Random(0), turn).name for turn in range(6)] == list("abcabc")
+    assert [round_robin(servers, Route(turn=turn)).name for turn in range(6)] == list("abcabc")
 
 
 def test_power_of_two_never_picks_the_most_loaded_of_three() -> None:
     servers = [Fake("idle"), Fake("half", running=2), Fake("full", running=4)]
     rng = random.Random(3)
-    assert all(power_of_two(servers, rng).name != "full" for _ in range(200))
+    assert all(power_of_two(servers, Route(rng)).name != "full" for _ in range(200))
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("policy", sorted(BUILT_IN))
 def test_chooser_handles_no_candidates_and_one(policy: str) -> None:
     chooser = Chooser(policy, random.Random(0))
     assert chooser.choose([]) is None

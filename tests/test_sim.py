@@ -275,6 +275,29 @@ async def test_prefix_cache_hits_on_a_repeated_prompt(sim: SimServer, http: aioh
     assert value(await metrics(http, sim), "vllm:prefix_cache_hits_total") > 0
 
 
+async def test_a_cached_prefix_shows_in_the_time_to_first_token(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
+    """Prefill costs per uncached prompt token, as on a GPU: the second turn of a long
+    conversation starts almost at once; the first paid for its whole prompt."""
+    sim = await make_sim(prompt_ms_per_token=2.0, ttft_ms=10.0, kv_blocks=4096)
+    history = "the river flows to the sea and " * 120  # some 900 tokens: 1.8 s of prefill
+
+    async def first_token(prompt: str) -> float:
+        started = time.perf_counter()
+        async with client(sim) as api:
+            stream = await api.completions.create(model="demo", prompt=prompt, max_tokens=2, stream=True)
+            async for _ in stream:
+                return time.perf_counter() - started
+        raise AssertionError("no token")
+
+    cold = await first_token(history)
+    warm = await first_token(history + "then what?")
+    assert cold >= 1.5  # the simulated prefill is a floor: no machine makes it shorter
+    assert warm < cold / 3, (cold, warm)
+    samples = await metrics(http, sim)
+    hits, queries = value(samples, "vllm:prefix_cache_hits_total"), value(samples, "vllm:prefix_cache_queries_total")
+    assert hits / queries > 0.4
+
+
 async def test_kv_pressure_preempts_and_still_completes(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
     sim = await make_sim(kv_blocks=6, block_size=16, max_model_len=96, max_num_seqs=4, tokens_per_s=400.0)
     async with client(sim) as api:

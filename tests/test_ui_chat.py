@@ -113,7 +113,7 @@ async def test_escape_stops_a_streaming_answer_then_closes(tmp_path: Path, paths
 
 
 async def test_a_sleeping_server_is_woken_before_the_chat(tmp_path: Path, paths: AppPaths) -> None:
-    async with sims(SimConfig(model=MODEL, enable_sleep_mode=True, wake_ms_l1=600)) as (sleepy,):
+    async with sims(SimConfig(model=MODEL, enable_sleep_mode=True, wake_ms_l1=3000)) as (sleepy,):
         path = tmp_path / "servers.toml"
         path.write_text(config_text([("sleepy", sleepy.url, 4)]))
         app = create_app(core_from_file(path, paths), paths, user_themes=False)

@@ -41,7 +41,7 @@ enabled = false
 servers = [{ url = "http://127.0.0.1:9", name = "alpha" }]
 """
 BROKEN = GOOD.replace('name = "alpha" }', 'name = "alpha", max_concurrent_requests = "eight" }').replace(
-    "port = 0\n", 'port = 0\npolicy = "fastest"\n'
+    "port = 0\n", 'port = 0\npolicy = "quickest"\n'
 )
 
 
@@ -86,7 +86,7 @@ async def test_a_broken_config_file_is_shown_in_full_until_it_is_fixed(tmp_path:
         await eventually(lambda: banner.display, what="the banner")
         shown = " ".join(text_of(banner, 78).split())  # wrapped at 80 columns: every word is there
         assert str(path) in shown and "2 problems" in shown
-        assert "router.policy: must be one of balanced" in shown and "got 'fastest'" in shown
+        assert "router.policy: must be one of fastest, balanced" in shown and "got 'quickest'" in shown
         assert "max_concurrent_requests: expected an integer, got the string 'eight'" in shown
         title, severity, message = notices(app)[-1]
         assert (title, severity) == ("config file broken", "error")

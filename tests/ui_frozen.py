@@ -64,6 +64,9 @@ FROZEN_SERVERS = {
     "spare": (16, 0, 0, 0.0, 0, [], [], []),
 }
 
+# What the router learned of each server's speed: TTFT and time per output token, in seconds.
+FROZEN_SPEEDS = {"small": (0.12, 1 / 48), "medium": (0.35, 1 / 95)}
+
 
 @dataclass
 class FrozenCore:
@@ -149,6 +152,10 @@ def _freeze(services: FrozenCore, name: str) -> None:
     server.stats.token_rate.values = deque(tokens, maxlen=60)
     server.stats.ttft.extend(ttft)
     server.stats.requests = 100 + capacity
+    if name in FROZEN_SPEEDS:
+        speed = server.learned_speed("llama-3.1-8b")
+        assert speed is not None
+        speed.observe(*FROZEN_SPEEDS[name])
     if name == "big":
         server.health.failure("cannot connect: Connection refused", at_once=True)
         server.last_error = "cannot connect: Connection refused"

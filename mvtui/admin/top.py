@@ -13,9 +13,11 @@ from typing import Any
 
 Row = Sequence[str]
 
-SERVER_COLUMNS = ("NAME", "STATE", "MODELS", "RUN/CAP", "WAIT", "LOAD", "KV", "IN-FLIGHT", "REQ/S", "TOK/S", "TTFT-P50")
+# TTFT-EWMA and TOK/S/SEQ: what the router learned of its first model's speed (for routing).
+SERVER_NUMBERS = ("RUN/CAP", "WAIT", "LOAD", "KV", "IN-FLIGHT", "REQ/S", "TOK/S", "TTFT-P50", "TTFT-EWMA", "TOK/S/SEQ")
+SERVER_COLUMNS = ("NAME", "STATE", "MODELS", *SERVER_NUMBERS)
 GPU_COLUMNS = ("GPU", "NAME", "MEMORY", "UTIL", "TEMP")
-NUMERIC = {"RUN/CAP", "WAIT", "LOAD", "KV", "IN-FLIGHT", "REQ/S", "TOK/S", "TTFT-P50", "GPU", "MEMORY", "UTIL", "TEMP"}
+NUMERIC = {*SERVER_NUMBERS, "GPU", "MEMORY", "UTIL", "TEMP"}
 GIB = 1024**3
 
 
@@ -64,6 +66,8 @@ def server_row(server: dict[str, Any]) -> Row:
         rate(server.get("request_rate") or 0),
         rate(server.get("token_rate") or 0),
         duration(server.get("ttft_p50")),
+        duration(server.get("ttft_s")),
+        "-" if server.get("tokens_per_s_per_seq") is None else rate(server["tokens_per_s_per_seq"]),
     )
 
 

@@ -19,6 +19,7 @@ from mvtui.cluster.fleet_status import FleetStatus
 from mvtui.config.schema import ServerConfig, TimingConfig
 from mvtui.errors import UnknownServer
 from mvtui.routing.breaker import Breaker
+from mvtui.routing.speed import AnswerLength, Latency, Speed
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class EngineMetrics:
     prefix_cache_hits: float = 0.0
     sleep_state: str | None = None
     scraped_at: float = 0.0
+    # vLLM's TTFT and inter-token latency histograms, per model (their sums and counts).
+    latency: dict[str, Latency] = field(default_factory=dict)
 
 
 class RateHistory:
@@ -163,6 +166,8 @@ class Server:
         self.remote_in_flight = 0
         self.remote_at_scrape = 0
         self.fleet_cap: int | None = None
+        # What the router learned of its speed, per model it serves (routing/speed.py).
+        self.speeds: dict[str, Speed] = {}
 
     @property
     def url(self) -> str:
@@ -234,17 +239,45 @@ class Server:
         return self.in_flight + self.remote_in_flight
 
     @property
+    def held(self) -> float:
+        """The requests it has now: in flight from every replica, plus what other clients have
+        there (from /metrics)."""
+        held: float = self.in_flight + self.remote_in_flight
+        outside = self.external - self.remote_at_scrape  # /metrics counted the fleet's too
+        return held + outside if outside > 0 else held
+
+    @property
+    def slots(self) -> int:
+        """How many requests it runs at once: its slot limit, else its stated capacity."""
+        return self.slot_limit or self.capacity
+
+    @property
     def has_room(self) -> bool:
-        """A new request would start at once: the requests in flight from every replica plus
-        what other clients have there (from /metrics) stay under its slot limit."""
+        """A new request would start at once: what it holds (`held`) stays under its slot limit."""
         limit = self.slot_limit
         if limit is None:
             return True
-        held: float = self.in_flight + self.remote_in_flight
-        outside = self.external - self.remote_at_scrape  # /metrics counted the fleet's too
-        if outside > 0:
-            held += outside
-        return held < limit and (self.fleet_cap is None or self.in_flight < self.fleet_cap)
+        return self.held < limit and (self.fleet_cap is None or self.in_flight < self.fleet_cap)
+
+    def speed_of(self, model: str) -> Speed | None:
+        return self.speeds.get(model)
+
+    def learned_speed(self, model: str) -> Speed | None:
+        """The speed to learn into for `model`: one per model it serves, nothing for others
+        (so that made-up model names cannot grow it)."""
+        speed = self.speeds.get(model)
+        if speed is None and self.serves(model):
+            speed = self.speeds[model] = Speed()
+        return speed
+
+    @property
+    def speed(self) -> Speed | None:
+        """Its speed for its first model: what the views show."""
+        for model in self.models:
+            speed = self.speeds.get(model)
+            if speed is not None and (speed.ttft is not None or speed.tpot is not None):
+                return speed
+        return None
 
     @property
     def sent_since_scrape(self) -> int:
@@ -299,6 +332,7 @@ class Server:
     def scraped(self, metrics: EngineMetrics, sent_before_scrape: int, in_flight_before: int | None = None) -> None:
         """A scrape answered; what was sent before it was issued is now in its numbers.
         `in_flight_before`: the router's requests in flight when it was issued."""
+        previous = self.metrics if self.metrics_available else None
         self.metrics = metrics
         self.metrics_available = True
         self.sent_at_scrape = max(self.sent_at_scrape, sent_before_scrape)
@@ -309,6 +343,19 @@ class Server:
         self.saturated = self.saturated or metrics.waiting >= 1
         self.stats.request_rate.sample(metrics.requests_finished, metrics.scraped_at)
         self.stats.token_rate.sample(metrics.generation_tokens, metrics.scraped_at)
+        self._learn_from_histograms(previous.latency if previous is not None else {}, metrics.latency)
+
+    def _learn_from_histograms(self, before: dict[str, Latency], now: dict[str, Latency]) -> None:
+        """vLLM's histograms between two scrapes: the mean TTFT and time per output token of
+        every request it served meanwhile, other clients' included."""
+        for model, latency in now.items():
+            speed = self.learned_speed(model)
+            if speed is None or model not in before:
+                continue
+            ttft, tpot = latency.since(before[model])
+            if ttft is not None or tpot is not None:
+                count = ttft[1] if ttft is not None else 1.0
+                speed.observe(ttft[0] if ttft else None, tpot[0] if tpot else None, count)
 
     def metrics_failed(self) -> None:
         """/metrics answered, with an error: its old numbers are no longer true."""
@@ -390,6 +437,8 @@ class Cluster:
         self.rejected = 0  # requests the router answered itself with an error (401, 404, 413...)
         # The router's queue of each model that ever had one (router/queue.py); model -> stats.
         self.queues: dict[str, QueueStats] = {}
+        # How long each served model's answers are (routing/speed.py), for `fastest`.
+        self.answer_lengths: dict[str, AnswerLength] = {}
 
     def __iter__(self) -> Iterator[Server]:
         return iter(list(self.servers.values()))
@@ -509,6 +558,13 @@ class Cluster:
             in_flight=sum(server.in_flight for server in servers),
             queued=sum(stats.depth for stats in self.queues.values()),
         )
+
+    def answer_length(self, model: str) -> AnswerLength:
+        """Call only for a model some server serves: the table grows by model."""
+        length = self.answer_lengths.get(model)
+        if length is None:
+            length = self.answer_lengths[model] = AnswerLength()
+        return length
 
     def queue_depth(self, model: str) -> int:
         """Requests for `model` waiting in the router now."""

@@ -11,6 +11,7 @@ import aiohttp
 
 from mvtui.cluster.state import EngineMetrics
 from mvtui.errors import VllmError
+from mvtui.routing.speed import Latency
 
 # Exact names only: a prefix match would count `num_requests_waiting_by_reason` as waiting.
 _FIELD_BY_METRIC = {
@@ -31,7 +32,18 @@ _LEGACY_FIELD_BY_METRIC = {
 _KV_NEW = "vllm:kv_cache_usage_perc"
 _KV_LEGACY = "vllm:gpu_cache_usage_perc"
 _SLEEP_STATE = "vllm:engine_sleep_state"
-_WANTED = set(_FIELD_BY_METRIC) | set(_LEGACY_FIELD_BY_METRIC) | {_KV_NEW, _KV_LEGACY, _SLEEP_STATE}
+# Latency histograms' sums and counts, per model: (which, sum or count). Inter-token latency
+# is the newer name of time per output token; the older is read when the newer is absent.
+_LATENCY_BY_METRIC = {
+    "vllm:time_to_first_token_seconds_sum": ("ttft", "sum"),
+    "vllm:time_to_first_token_seconds_count": ("ttft", "count"),
+    "vllm:inter_token_latency_seconds_sum": ("itl", "sum"),
+    "vllm:inter_token_latency_seconds_count": ("itl", "count"),
+    "vllm:time_per_output_token_seconds_sum": ("tpot", "sum"),
+    "vllm:time_per_output_token_seconds_count": ("tpot", "count"),
+}
+MAX_LATENCY_MODELS = 16  # models read from one page: a hostile page cannot grow the table
+_WANTED = set(_FIELD_BY_METRIC) | set(_LEGACY_FIELD_BY_METRIC) | set(_LATENCY_BY_METRIC) | {_KV_NEW, _KV_LEGACY, _SLEEP_STATE}
 # The most of an answer read from a poll: real /metrics pages are tens of kilobytes.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 _CHUNK_BYTES = 64 * 1024
@@ -44,6 +56,7 @@ class _Sums:
     kv_new: list[float] = field(default_factory=list)
     kv_legacy: list[float] = field(default_factory=list)
     sleep_state: str | None = None
+    latency: dict[str, dict[tuple[str, str], float]] = field(default_factory=dict)  # model -> parts
 
 
 def parse_metrics(text: str, now: float = 0.0) -> EngineMetrics:
@@ -114,9 +127,33 @@ def _accumulate(sums: _Sums, name: str, labels: str, value: float) -> None:
     elif name in _FIELD_BY_METRIC:
         key = _FIELD_BY_METRIC[name]
         sums.values[key] = sums.values.get(key, 0.0) + value
+    elif name in _LATENCY_BY_METRIC:
+        _add_latency(sums, _label(labels, "model_name"), _LATENCY_BY_METRIC[name], value)
     else:
         key = _LEGACY_FIELD_BY_METRIC[name]
         sums.legacy[key] = sums.legacy.get(key, 0.0) + value
+
+
+def _add_latency(sums: _Sums, model: str, part: tuple[str, str], value: float) -> None:
+    parts = sums.latency.get(model)
+    if parts is None:
+        if len(sums.latency) >= MAX_LATENCY_MODELS:
+            return
+        parts = sums.latency[model] = {}
+    parts[part] = parts.get(part, 0.0) + value
+
+
+def _latencies(sums: _Sums) -> dict[str, Latency]:
+    latencies = {}
+    for model, parts in sums.latency.items():
+        decode = "itl" if ("itl", "count") in parts else "tpot"
+        latencies[model] = Latency(
+            ttft_sum=_finite(parts.get(("ttft", "sum"), 0.0)),
+            ttft_count=_finite(parts.get(("ttft", "count"), 0.0)),
+            tpot_sum=_finite(parts.get((decode, "sum"), 0.0)),
+            tpot_count=_finite(parts.get((decode, "count"), 0.0)),
+        )
+    return latencies
 
 
 def _finite(value: float) -> float:
@@ -140,6 +177,7 @@ def _to_metrics(sums: _Sums, now: float) -> EngineMetrics:
         prefix_cache_hits=values.get("prefix_cache_hits", 0.0),
         sleep_state=sums.sleep_state,
         scraped_at=now,
+        latency=_latencies(sums),
     )
 
 

@@ -21,7 +21,7 @@ from tomlkit.exceptions import ParseError, TOMLKitError
 
 from mvtui import keymap
 from mvtui.errors import ConfigError, Problem
-from mvtui.routing.policies import POLICIES
+from mvtui.routing.policies import installed_policies
 
 IDLE_ACTIONS = ("sleep1", "sleep2", "stop")
 STATUS_ENDPOINTS = ("/health", "/load-stats", "/metrics")
@@ -54,7 +54,11 @@ class RouterConfig:
     host: str = "0.0.0.0"
     port: int = 8888
     api_keys: tuple[str, ...] = ()
-    policy: str = "balanced"
+    policy: str = "fastest"
+    # turns of one conversation go to one server (its prefix cache) while it is within
+    # affinity_bound times its share of the model's load (README "Routing")
+    affinity: bool = True
+    affinity_bound: float = 1.25
     # status endpoints answered without a key when api_keys is set (README "Security")
     open_endpoints: tuple[str, ...] = ("/health",)
     # upstream 5xx bodies and failure messages naming servers become a generic error
@@ -249,6 +253,14 @@ def _string(choices: tuple[str, ...] = (), *, required: bool = False) -> Check:
     return check
 
 
+def _policy(value: Any) -> str | None:
+    """A built-in routing policy or one an installed package adds (`mvtui.policies`)."""
+    if not isinstance(value, str):
+        return f"expected a string, got {_describe(value)}"
+    names = installed_policies()
+    return None if value in names else f"must be one of {', '.join(names)}; got {value!r}"
+
+
 def _boolean(value: Any) -> str | None:
     return None if isinstance(value, bool) else f"expected true or false, got {_describe(value)}"
 
@@ -362,7 +374,9 @@ ROUTER_SCHEMA: dict[str, Check] = {
     "host": _string(),
     "port": _port,
     "api_keys": _names,
-    "policy": _string(tuple(POLICIES)),
+    "policy": _policy,
+    "affinity": _boolean,
+    "affinity_bound": _number(1),
     "open_endpoints": _subset(STATUS_ENDPOINTS),
     "scrub_upstream_errors": _boolean,
     "queue": _boolean,

@@ -35,7 +35,7 @@ servers = [
 # host = "0.0.0.0"
 # port = 8888
 # api_keys = []
-# policy = "balanced"
+# policy = "fastest"
 
 # A local vLLM process that mvtui starts, routes to, and puts to sleep when idle
 # (one [[instances]] table per model; remove the `# ` to use it).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -9,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from mvtui.cluster.state import Cluster, QueueStats, Server
+from mvtui.routing.speed import Speed
 
 
 def server_status(server: Server) -> dict[str, Any]:
@@ -45,7 +47,37 @@ def server_status(server: Server) -> dict[str, Any]:
         "breaker_retry_in": round(server.breaker.retry_in(time.monotonic()), 3),
         "breaker_failures": server.breaker.failures,
         "poll_crashes": server.poll_crashes,
+        **speed_fields(server),
     }
+
+
+def speed_fields(server: Server) -> dict[str, Any]:
+    """What the router learned of its speed (routing/speed.py): its first model's TTFT and one
+    sequence's decoding speed, then every model's; null where nothing is known yet."""
+    first = server.speed
+    return {
+        "ttft_s": _rounded(first.ttft if first else None, 4),
+        "tokens_per_s_per_seq": _rounded(first.tokens_per_s if first else None, 2),
+        "speeds": {model: speed_status(speed) for model, speed in sorted(server.speeds.items()) if _learned(speed)},
+    }
+
+
+def speed_status(speed: Speed) -> dict[str, Any]:
+    return {
+        "ttft_s": _rounded(speed.ttft, 4),
+        "tpot_s": _rounded(speed.tpot, 6),
+        "tokens_per_s": _rounded(speed.tokens_per_s, 2),
+        "samples": speed.samples,
+    }
+
+
+def _learned(speed: Speed) -> bool:
+    return speed.ttft is not None or speed.tpot is not None
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    """A number JSON can carry: never NaN or infinite."""
+    return round(value, digits) if value is not None and math.isfinite(value) else None
 
 
 def queue_status(stats: QueueStats, now: float) -> dict[str, Any]:

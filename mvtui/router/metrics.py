@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -75,7 +76,27 @@ class ClusterCollector(Collector):
             routable.add_metric([server.name], 1.0 if server.routable else 0.0)
             breaker.add_metric([server.name], BREAKER_VALUE[server.breaker.state])
             opened.add_metric([server.name], server.breaker.opened)
-        yield from (in_flight, up, load, routable, breaker, opened, self._queues())
+        yield from (in_flight, up, load, routable, breaker, opened, *self._speeds(), self._queues())
+
+    def _speeds(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        """What the router learned of each server's speed per model, where it knows it."""
+        ttft = GaugeMetricFamily(
+            "mvtui_server_ttft_seconds",
+            "The router's learned estimate (EWMA) of a server's time to first token for a model, from its streams and vLLM's histograms",
+            labels=["server", "model"],
+        )
+        tpot = GaugeMetricFamily(
+            "mvtui_server_time_per_output_token_seconds",
+            "The router's learned estimate (EWMA) of a server's time per output token of one sequence for a model",
+            labels=["server", "model"],
+        )
+        for server in self.cluster:
+            for model, speed in sorted(server.speeds.items()):
+                if speed.ttft is not None and math.isfinite(speed.ttft):
+                    ttft.add_metric([server.name, model], speed.ttft)
+                if speed.tpot is not None and math.isfinite(speed.tpot):
+                    tpot.add_metric([server.name, model], speed.tpot)
+        return ttft, tpot
 
     def _queues(self) -> GaugeMetricFamily:
         depth = GaugeMetricFamily("mvtui_queue_depth", "Requests waiting in the router's queue for a free server", labels=["model"])

@@ -32,9 +32,10 @@ from mvtui.openai_errors import error_response, sse_error_event
 from mvtui.router.breakers import Breakers
 from mvtui.router.headers import authorized
 from mvtui.router.metrics import RouterMetrics
-from mvtui.router.queue import Admission, QueueFull, QueueTimeout
+from mvtui.router.queue import Admission, Ask, QueueFull, QueueTimeout
 from mvtui.router.relay import CLIENT_CLOSED, AttemptFailed, Deadline, Failure, Outcome, Plan, attempt
 from mvtui.router.request_body import MIB, BodyError, json_object, read_body
+from mvtui.routing.affinity import conversation_key
 from mvtui.routing.policies import Chooser
 from mvtui.routing.retry_budget import RetryBudget, backoff
 
@@ -127,10 +128,10 @@ class Proxy:
         model: str | None = None
         try:
             self._admit(request)
-            body, model, stream = self._read_model(await self._read_body(request, config))
+            body, model, stream, ask = self._read_model(await self._read_body(request, config), request)
             limit = config.limits.max_request_time
             deadline = Deadline(asyncio.get_running_loop().time() + limit, limit) if limit else None
-            plan = Plan(model, body, stream, config, deadline)
+            plan = Plan(model, body, stream, config, deadline, ask)
             if deadline is None:
                 return await self._dispatch(request, plan, started)
             return await self._within_deadline(request, plan, started, deadline)
@@ -152,8 +153,9 @@ class Proxy:
         except BodyError as error:
             raise ProxyError(error.status, error.message) from None
 
-    def _read_model(self, body: bytes | bytearray) -> tuple[bytes, str, bool]:
-        """The body to forward, its model and whether it asks for a stream."""
+    def _read_model(self, body: bytes | bytearray, request: web.Request) -> tuple[bytes, str, bool, Ask]:
+        """The body to forward, its model, whether it asks for a stream, and what routing
+        needs to know of it."""
         try:
             payload = json_object(body)
         except BodyError as error:
@@ -167,7 +169,8 @@ class Proxy:
             body = _json_bytes(payload)
         if not isinstance(model, str):
             raise ProxyError(400, "`model` must be a string")
-        return bytes(body), model, payload.get("stream") is True
+        ask = Ask(model, _answer_limit(payload), conversation_key(payload, request.headers))
+        return bytes(body), model, payload.get("stream") is True, ask
 
     # --- choosing a server --------------------------------------------------------------
 
@@ -197,7 +200,7 @@ class Proxy:
         a server with room (the queue off: any server)."""
         if self.breakers.tripped or excluded or plan.model in self.admission.waiting:
             return None
-        return self.admission.take(routable, tried, retry=retry, roomy_only=plan.config.router.queue)
+        return self.admission.take(_ask(plan), routable, tried, retry=retry, roomy_only=plan.config.router.queue)
 
     async def _slot(self, plan: Plan, routable: list[Server], tried: set[str], excluded: set[str], *, retry: bool) -> Server:
         allowed = self.breakers.allowed(routable, excluded, time.monotonic())
@@ -205,7 +208,7 @@ class Proxy:
             raise self._all_breakers_open(plan.model, routable, excluded)
         queue = plan.config.router.queue
         if not queue or plan.model not in self.admission.waiting:  # nobody waits ahead of it
-            server = self.admission.take(allowed, tried, retry=retry, roomy_only=queue)
+            server = self.admission.take(_ask(plan), allowed, tried, retry=retry, roomy_only=queue)
             if server is not None:
                 return server
         return await self._wait_in_queue(plan, tried, excluded, retry=retry)
@@ -217,7 +220,7 @@ class Proxy:
             timeout = min(timeout, deadline.left())
         retry_after = {"Retry-After": RETRY_AFTER_QUEUE_S}
         try:
-            return await self.admission.wait(plan.model, excluded, tried, retry=retry, timeout=timeout)
+            return await self.admission.wait(_ask(plan), excluded, tried, retry=retry, timeout=timeout)
         except QueueFull:
             message = f"Too many requests are waiting for `{plan.model}` ([router] queue_size = {router.queue_size}); retry later"
             raise ProxyError(429, message, code="rate_limit_exceeded", headers=retry_after) from None
@@ -328,6 +331,7 @@ class Proxy:
             tried.add(server.url)
             if plan.deadline is not None:
                 plan.deadline.tried = True
+            sent = time.perf_counter()
             try:
                 response, outcome = await self._attempt(request, server, plan, started, excluded, last=number == retries)
             except ProxyError as error:
@@ -346,6 +350,7 @@ class Proxy:
                 self.admission.release(server)
             if response is not None:
                 self._record(request, plan.model, server, outcome, started, number)
+                self._learn(server, plan.model, outcome, sent)
                 return response
             server.stats.retries += 1
             self.metrics.retries.labels(server.name).inc()
@@ -413,6 +418,17 @@ class Proxy:
             )
         )
 
+    def _learn(self, server: Server, model: str, outcome: Outcome, sent: float) -> None:
+        """A whole answer: how fast the server was, and how long the model's answers are."""
+        if outcome.status != 200 or outcome.failure is not None or not outcome.tokens:
+            return
+        speed = server.learned_speed(model)
+        if speed is None:
+            return
+        ttft = outcome.first_at - sent if outcome.first_at is not None else None
+        speed.observe_answer(time.perf_counter() - sent, outcome.tokens, ttft)
+        self.cluster.answer_length(model).observe(outcome.tokens)
+
     def _record_rejection(self, request: web.Request, model: str | None, status: int, started: float) -> None:
         """A request the router answered itself, with no server: counted as an error."""
         known = model is not None and bool(self.cluster.serving(model))
@@ -422,6 +438,19 @@ class Proxy:
         shown = (model or "-")[:SHOWN_MODEL_CHARS]
         latency = time.perf_counter() - started
         self.cluster.record(RequestRecord(time.time(), request.method, request.path, shown, ROUTER, status, latency, None, None, 0))
+
+
+def _ask(plan: Plan) -> Ask:
+    return plan.ask or Ask(plan.model)
+
+
+def _answer_limit(payload: dict[str, Any]) -> int | None:
+    """The most tokens the answer may have, as the request says (chat, completions, responses)."""
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = payload.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _named(server: Server) -> str:

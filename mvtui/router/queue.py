@@ -8,6 +8,11 @@ slot to the head of the queue of a model its server serves, and a timer looks ag
 TICK_S while anything waits (for servers that come up, wake, are undrained or get a bigger
 capacity, and breakers whose cool-down ends).
 
+With a policy that may wait (`fastest`), a request may also wait while a server has room: when
+a busy fast server would still end it sooner than an idle slow one. The policy decides that
+again at every look, with what the request has waited so far, so it never waits longer than
+waiting can pay. A conversation's turns go to its own server first (routing/affinity.py).
+
 The queue is bounded (`queue_size`: QueueFull) and so is the wait (`queue_timeout`:
 QueueTimeout). A client that leaves while queued leaves the queue at once. A wake or a start
 for a model whose servers all sleep waits in the same queue: one shared `demand` per model.
@@ -26,9 +31,14 @@ from mvtui.config.schema import Config
 from mvtui.errors import Unavailable
 from mvtui.router.breakers import Breakers
 from mvtui.router.metrics import RouterMetrics
-from mvtui.routing.policies import Chooser
+from mvtui.routing import affinity
+from mvtui.routing.policies import Chooser, Route, answer_times
 
 TICK_S = 0.05
+# How many of a model's mean answer lengths a request's max_tokens is believed, at most.
+LENGTH_BOUND_MEANS = 2.0
+# How much slower than the fastest a conversation's own server may be and still get it.
+SLOWER_HOME_BOUND = 2.0
 
 # Makes a server for the model available (wakes or starts one): True when one is routable.
 MakeAvailable = Callable[[str], Awaitable[bool]]
@@ -44,9 +54,18 @@ class QueueTimeout(Exception):
     """The request waited as long as it may."""
 
 
+@dataclass(frozen=True)
+class Ask:
+    """What the router knows of a request when it places it."""
+
+    model: str
+    tokens: int | None = None  # its max_tokens: the longest its answer can be
+    conversation: str | None = None  # its conversation's key (routing/affinity.py)
+
+
 @dataclass(eq=False)
 class Waiter:
-    model: str
+    ask: Ask
     excluded: set[str]  # servers that failed this request: never handed to it
     tried: set[str]
     retry: bool
@@ -69,20 +88,53 @@ class Admission:
 
     # --- taking and giving back slots ---------------------------------------------------
 
-    def take(self, servers: Sequence[Server], tried: set[str], *, retry: bool, roomy_only: bool) -> Server | None:
-        """Choose among `servers` (those with room only, with the queue on) and take a slot
-        there; None when none has room. Servers not yet tried by this request come first."""
-        if roomy_only:
-            servers = [server for server in servers if server.has_room]
-            if not servers:
-                return None
+    def take(
+        self, ask: Ask, servers: Sequence[Server], tried: set[str], *, retry: bool, roomy_only: bool, ahead: int = 0, waited: float = 0.0
+    ) -> Server | None:
+        """Choose among `servers` and take a slot there; None when the request is to wait
+        (with the queue on: no server has room, or the policy waits for a busy one). Servers
+        not yet tried by this request come first."""
         if tried:
             servers = [server for server in servers if server.url not in tried] or servers
-        server: Server | None = self.chooser.choose(servers, advance=not retry)
-        if server is not None:
-            server.request_started()
-            self.breakers.dispatched(server)
+        if roomy_only:
+            roomy = [server for server in servers if server.has_room]
+            if not roomy:
+                return None
+            if not self.chooser.may_wait:
+                servers = roomy
+        route = self._route(ask, ahead, waited)
+        server = None if retry else self._home(ask, servers, route, roomy_only)
+        if server is None:
+            server = self.chooser.choose(servers, route, advance=not retry)
+        if server is None or (roomy_only and not server.has_room):
+            return None
+        server.request_started()
+        self.breakers.dispatched(server)
         return server
+
+    def _route(self, ask: Ask, ahead: int, waited: float) -> Route:
+        length = self.cluster.answer_length(ask.model).mean
+        route = Route(model=ask.model, tokens=ask.tokens, ahead=ahead, waited=waited)
+        if length is not None:
+            route.mean_tokens = length
+            if ask.tokens is not None:  # a bound, often set high: past a few means it says little
+                route.tokens = min(ask.tokens, LENGTH_BOUND_MEANS * length)
+        return route
+
+    def _home(self, ask: Ask, servers: Sequence[Server], route: Route, roomy_only: bool) -> Server | None:
+        """The conversation's own server, when it continues one and its server is within the
+        load bound (its share of the model's requests) and not much slower than the fastest
+        (SLOWER_HOME_BOUND: where a cached prefix no longer pays for the slower answer)."""
+        router = self.config().router
+        if ask.conversation is None or not router.affinity or len(servers) < 2:
+            return None
+        times = dict(zip((server.url for server in servers), answer_times(servers, route), strict=True))
+        quickest = min(times.values())
+
+        def usable(server: Server) -> bool:
+            return (server.has_room or not roomy_only) and times[server.url] <= SLOWER_HOME_BOUND * quickest
+
+        return affinity.home(servers, ask.conversation, router.affinity_bound, usable)
 
     def release(self, server: Server) -> None:
         """A try on `server` ended: its slot goes to whoever waits for a model it serves."""
@@ -94,8 +146,9 @@ class Admission:
 
     # --- waiting ------------------------------------------------------------------------
 
-    async def wait(self, model: str, excluded: set[str], tried: set[str], *, retry: bool, timeout: float) -> Server:
-        """Queue for `model` until a server is handed over (its slot already taken)."""
+    async def wait(self, ask: Ask, excluded: set[str], tried: set[str], *, retry: bool, timeout: float) -> Server:
+        """Queue for the model until a server is handed over (its slot already taken)."""
+        model = ask.model
         queue = self.waiting.get(model)
         if queue is None:
             queue = self.waiting[model] = deque()
@@ -103,7 +156,7 @@ class Admission:
         if len(queue) >= self.config().router.queue_size:
             stats.full += 1
             raise QueueFull()
-        waiter = Waiter(model, excluded, tried, retry, time.monotonic())
+        waiter = Waiter(ask, excluded, tried, retry, time.monotonic())
         # a retry has waited its turn already: it goes first
         queue.appendleft(waiter) if retry else queue.append(waiter)
         self.pump(model)
@@ -129,10 +182,11 @@ class Admission:
 
     def _abandon(self, waiter: Waiter) -> None:
         """Out of the queue at once; a slot handed over meanwhile goes to the next."""
-        queue = self.waiting.get(waiter.model)
+        model = waiter.ask.model
+        queue = self.waiting.get(model)
         if queue is not None and waiter in queue:
             queue.remove(waiter)
-            self._update(waiter.model)
+            self._update(model)
         future = waiter.future
         if future.done() and not future.cancelled() and future.exception() is None:
             self.release(future.result())
@@ -140,26 +194,46 @@ class Admission:
             future.cancel()
 
     def pump(self, model: str) -> None:
-        """Hand free slots to the model's waiters, first come first served."""
+        """Hand free slots to the model's waiters, first come first served (a waiter the
+        policy keeps waiting for a busy server lets the next ones by)."""
         queue = self.waiting.get(model)
         while queue:
-            head = queue[0]
-            if head.future.done():  # its client left; its own handler removes it too
+            while queue and queue[0].future.done():  # its client left; its own handler removes it too
                 queue.popleft()
-                continue
             routable = self.cluster.routable(model)
-            if not routable:
+            if not queue or not routable:
                 break
-            servers = [server for server in self.breakers.allowed(routable, set(), time.monotonic()) if server.has_room]
-            waiter = _first_that_may_use(queue, servers)
-            if waiter is None:
+            servers = self.breakers.allowed(routable, set(), time.monotonic())
+            if not any(server.has_room for server in servers):
                 break
-            queue.remove(waiter)
-            allowed = [server for server in servers if server.url not in waiter.excluded]
-            server = self.take(allowed, waiter.tried, retry=waiter.retry, roomy_only=False)
-            assert server is not None
-            waiter.future.set_result(server)
+            handed = self._hand_over(queue, servers)
+            if handed is None:
+                break
+            queue.remove(handed)
         self._update(model)
+
+    def _hand_over(self, queue: deque[Waiter], servers: list[Server]) -> Waiter | None:
+        """The first waiter that takes a slot of `servers` (none goes back to a server that
+        failed it), looking no further than the slots there are: past them, a waiter would
+        only wait behind the ones before it."""
+        now, ahead = time.monotonic(), 0
+        horizon = max(8, sum(server.slots for server in servers))
+        for waiter in queue:
+            if ahead > horizon:
+                break
+            if waiter.future.done():
+                continue
+            allowed = [server for server in servers if server.url not in waiter.excluded]
+            if not any(server.has_room for server in allowed):
+                continue
+            server = self.take(
+                waiter.ask, allowed, waiter.tried, retry=waiter.retry, roomy_only=True, ahead=ahead, waited=now - waiter.since
+            )
+            if server is not None:
+                waiter.future.set_result(server)
+                return waiter
+            ahead += 1
+        return None
 
     def _update(self, model: str) -> None:
         queue = self.waiting.get(model)
@@ -220,16 +294,3 @@ class Admission:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _first_that_may_use(queue: deque[Waiter], servers: list[Server]) -> Waiter | None:
-    """The first waiter that one of `servers` may take (a retry never goes back to a server
-    that failed it); None when no server is free."""
-    if not servers:
-        return None
-    for waiter in queue:
-        if waiter.future.done():
-            continue
-        if not waiter.excluded or any(server.url not in waiter.excluded for server in servers):
-            return waiter
-    return None

@@ -32,6 +32,7 @@ from mvtui.config.schema import Config
 from mvtui.errors import CONNECTION_ERRORS, describe_error
 from mvtui.openai_errors import sse_error_event
 from mvtui.router.headers import forward_headers, response_headers
+from mvtui.router.queue import Ask
 from mvtui.router.request_body import MIB
 
 T = TypeVar("T")
@@ -71,6 +72,7 @@ class Plan:
     stream: bool
     config: Config
     deadline: Deadline | None = None
+    ask: Ask | None = None
 
     def message(self, server: Server, failure: Failure) -> str:
         """What the client is told; without server names or details when scrubbing."""
@@ -114,6 +116,7 @@ class Outcome:
     ttft: float | None = None
     tokens: int | None = None
     failure: Failure | None = None  # the server failed after bytes reached the client
+    first_at: float | None = None  # perf_counter() at its first byte of a stream
 
 
 @functools.lru_cache(maxsize=16)
@@ -301,7 +304,8 @@ async def _relay_stream(
     try:
         async for chunk in content.iter_any():
             if outcome.ttft is None:
-                outcome.ttft = time.perf_counter() - started
+                outcome.first_at = time.perf_counter()
+                outcome.ttft = outcome.first_at - started
             outcome.tokens += chunk.count(b"data: {")  # type: ignore[operator]
             last = content.at_eof()  # then the last bytes and the end marker go in one send
             if not await send(response, chunk, end=last):

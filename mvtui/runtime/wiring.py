@@ -39,7 +39,7 @@ from mvtui.router.endpoints import StatusEndpoints
 from mvtui.router.front_door import FrontDoor
 from mvtui.router.metrics import RouterMetrics
 from mvtui.router.proxy import Proxy
-from mvtui.routing.policies import Chooser
+from mvtui.routing.policies import Chooser, installed_policies
 from mvtui.runtime.bind import listening_line
 from mvtui.runtime.startup_errors import router_listen_error
 from mvtui.runtime.supervisor import Supervisor
@@ -73,7 +73,7 @@ class Services:
         self.live.on_change(self.apply_config)
         self.registry = registry or CollectorRegistry()
         self.metrics = RouterMetrics(self.registry, self.cluster)
-        self.chooser = Chooser(self.config.router.policy, rng)
+        self.chooser = Chooser(self.config.router.policy, rng, installed_policies())
         self.gpu = gpu if gpu is not None else GpuProbe()  # tests pass a fake pynvml module
         self.session: aiohttp.ClientSession | None = None
         self.poller: Poller | None = None

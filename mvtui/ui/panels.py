@@ -21,6 +21,7 @@ from mvtui.cluster.state import ClusterEvent, ClusterSummary, Health, RequestRec
 from mvtui.config.schema import InstanceConfig, ServerConfig
 from mvtui.errors import ConfigError
 from mvtui.gpu import Gpu, GpuSnapshot
+from mvtui.routing.speed import Speed
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 BAR_EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -378,7 +379,7 @@ def _compact_body(server: Server, width: int, palette: Palette) -> Text:
     first = Text(models, style=f"bold {palette.text}", no_wrap=True)
     first.append(" " * max(2, width - len(models) - fields.cell_len))
     first.append_text(fields)
-    spark_width = max(4, min(16, (width - 46) // 2))
+    spark_width = max(4, min(16, (width - 28 - SPEED_WIDTH) // 2))  # labels, rates and gaps: 28 cells
     requests_now, tokens_now = server.current_rates()
     second = Text.assemble(
         ("req/s ", palette.muted),
@@ -387,14 +388,38 @@ def _compact_body(server: Server, width: int, palette: Palette) -> Text:
         ("  tok/s ", palette.muted),
         (f"{rate(tokens_now):>5} ", palette.text),
         sparkline(server.stats.token_rate.values, spark_width, palette.spark_tokens),
-        ("  ttft ", palette.muted),
-        (duration(server.stats.ttft_p50), palette.text),
+        "  ",
+        speed_text(server.speed, palette, "ttft"),
         no_wrap=True,
     )
     lines = [first, second, *_router_view(server, palette)]
     if server.last_error:
         lines.append(_error_line(server, width, palette))
     return LINES.join(line[:width] if line.cell_len > width else line for line in lines)
+
+
+# The longest `speed_text` with its label: `ttft 999 ms · 9.9k tok/s/seq`.
+SPEED_WIDTH = 28
+
+
+def speed_text(speed: Speed | None, palette: Palette, label: str = "TTFT") -> Text:
+    """`TTFT 120 ms · 48 tok/s/seq`: the router's learned time to first token and one sequence's
+    decoding speed (routing/speed.py), `–` for what it has not learned yet."""
+    per_sequence = speed.tokens_per_s if speed is not None else None
+    return Text.assemble(
+        (f"{label} ", palette.muted),
+        (duration(speed.ttft if speed is not None else None), palette.text),
+        (" · ", palette.muted),
+        ("–" if per_sequence is None else rate(per_sequence), palette.text),
+        (" tok/s/seq", palette.muted),
+        no_wrap=True,
+    )
+
+
+def learned_speeds(server: Server) -> list[tuple[str, Speed]]:
+    """Its models whose speed the router has learned something of, in its order."""
+    speeds = ((model, server.speed_of(model)) for model in server.models)
+    return [(model, speed) for model, speed in speeds if speed is not None and (speed.ttft is not None or speed.tpot is not None)]
 
 
 def _router_view(server: Server, palette: Palette) -> list[Text]:
@@ -429,7 +454,7 @@ def _detailed_body(server: Server, width: int, palette: Palette) -> Text:
     spark_width = max(8, value_width - 7)
     requests_now, tokens_now = server.current_rates()
     rows = [
-        ("models", Text(_fit(", ".join(server.models) or "none yet", value_width), style=f"bold {palette.text}")),
+        ("models", _models_and_speed(server, value_width, palette)),
         (
             "running",
             Text.assemble(
@@ -484,6 +509,16 @@ def _detailed_body(server: Server, width: int, palette: Palette) -> Text:
         value.truncate(value_width, overflow="ellipsis")
         lines.append(Text.assemble((f"{label:<{label_width}} ", palette.muted), value, no_wrap=True))
     return LINES.join(lines)
+
+
+def _models_and_speed(server: Server, width: int, palette: Palette) -> Text:
+    """Its models, and on the right what the router learned of its (first model's) speed."""
+    speed = speed_text(server.speed, palette, "learned TTFT")
+    models = _fit(", ".join(server.models) or "none yet", max(12, width - speed.cell_len - 2))
+    line = Text(models, style=f"bold {palette.text}", no_wrap=True)
+    line.append(" " * max(2, width - len(models) - speed.cell_len))
+    line.append_text(speed)
+    return line
 
 
 # --- GPUs -------------------------------------------------------------------------------
@@ -801,7 +836,7 @@ def _toml(value: object) -> str:
 
 
 def details_head(server: Server, palette: Palette, width: int) -> Text:
-    """Its models and its numbers now, wrapped between the pairs, never inside one."""
+    """Its models, its numbers now and its learned speed, wrapped between the pairs, never inside one."""
     stats = server.stats
     parts = [
         _pair("models", ", ".join(server.models) or "none yet", palette, f"bold {palette.text}"),
@@ -813,8 +848,17 @@ def details_head(server: Server, palette: Palette, width: int) -> Text:
         _pair("requests", str(stats.requests), palette),
         _pair("errors", str(stats.errors), palette, palette.down if stats.errors else ""),
         _pair("retries", str(stats.retries), palette, palette.busy if stats.retries else ""),
+        *_details_speeds(server, palette),
     ]
     return wrapped(parts, width, gap=3)
+
+
+def _details_speeds(server: Server, palette: Palette) -> list[Text]:
+    """The learned speed of its first model, or of each model when it has learned several."""
+    learned = learned_speeds(server)
+    if len(learned) < 2:
+        return [speed_text(server.speed, palette, "learned TTFT")]
+    return [speed_text(speed, palette, f"learned {model} TTFT") for model, speed in learned]
 
 
 def wrapped(items: Sequence[Text], width: int, gap: int = 2) -> Text:
