@@ -52,8 +52,8 @@ def test_a_whole_answer_teaches_the_decoding_speed_from_the_known_ttft() -> None
     speed.observe_answer(2.5, 100, ttft=None)
     assert speed.tpot == pytest.approx(0.02)
     unknown = Speed()
-    unknown.observe_answer(2.5, 100, ttft=None)  # nothing to split it by
-    assert unknown.tpot is None
+    unknown.observe_answer(2.5, 100, ttft=None)  # nothing to split it by: all of it is pace
+    assert unknown.tpot == pytest.approx(0.025) and unknown.ttft is None and unknown.known
 
 
 def test_a_histogram_delta_weighs_as_many_answers_as_it_covers_up_to_a_cap() -> None:
@@ -229,21 +229,29 @@ def turn(question: str, *history: str) -> dict[str, object]:
     return {"model": "m", "messages": messages}
 
 
-def test_a_conversation_keeps_its_key_from_turn_to_turn_and_a_first_turn_has_none() -> None:
-    assert affinity.conversation_key(turn("hello"), {}) is None  # nothing to keep together yet
-    second = affinity.conversation_key(turn("and then?", "hello", "hi"), {})
-    third = affinity.conversation_key(turn("why?", "hello", "hi", "and then?", "this"), {})
-    assert second is not None and second == third
-    assert affinity.conversation_key(turn("and then?", "bonjour", "salut"), {}) != second
+def key(payload: dict[str, object], headers: dict[str, str] | None = None) -> tuple[str, bool] | None:
+    conversation = affinity.conversation_of(payload, headers or {})
+    return None if conversation is None else (conversation.key, conversation.continues)
+
+
+def test_a_conversation_keeps_its_key_from_turn_to_turn() -> None:
+    first = key(turn("hello"))
+    second = key(turn("and then?", "hello", "hi"))
+    third = key(turn("why?", "hello", "hi", "and then?", "this"))
+    assert first is not None and second is not None and third is not None
+    assert first[0] == second[0] == third[0]
+    assert (first[1], second[1], third[1]) == (False, True, True)  # the first turn may start one
+    assert key(turn("and then?", "bonjour", "salut")) != second
 
 
 def test_a_session_header_or_user_names_the_conversation_from_its_first_turn() -> None:
-    assert affinity.conversation_key(turn("hello"), {"x-session-id": "s1"}) == "session:s1"
-    assert affinity.conversation_key({**turn("hello"), "user": "ann"}, {}) == "user:ann"
-    assert len(affinity.conversation_key({"user": "x" * 10_000}, {}) or "") < 300
-    long_prompt = {"prompt": "few-shot examples " * 100}
-    assert affinity.conversation_key(long_prompt, {}) == affinity.conversation_key({"prompt": long_prompt["prompt"] + "more"}, {})
-    assert affinity.conversation_key({"prompt": "short"}, {}) is None
+    assert key(turn("hello"), {"x-session-id": "s1"}) == ("session:s1", True)
+    assert key({**turn("hello"), "user": "ann"}) == ("user:ann", True)
+    assert len((key({"user": "x" * 10_000}) or ("",))[0]) < 300
+    long_prompt = "few-shot examples " * 100
+    assert key({"prompt": long_prompt}) == key({"prompt": long_prompt + "more"}) and (key({"prompt": long_prompt}) or ("", False))[1]
+    assert key({"prompt": "short"}) == key({"prompt": "short"}) and not (key({"prompt": "short"}) or ("", True))[1]
+    assert key({"input": "embed me"}) is None
 
 
 json_values = st.recursive(
@@ -256,8 +264,8 @@ json_values = st.recursive(
 @SETTINGS
 @given(st.dictionaries(st.sampled_from(["messages", "prompt", "user", "model", "input"]) | st.text(max_size=5), json_values, max_size=5))
 def test_any_request_body_gives_a_short_key_or_none(payload: dict[str, object]) -> None:
-    key = affinity.conversation_key(payload, {})
-    assert key is None or (isinstance(key, str) and len(key) < 300)
+    conversation = affinity.conversation_of(payload, {})
+    assert conversation is None or (isinstance(conversation.key, str) and len(conversation.key) < 300)
 
 
 @dataclass(eq=False)

@@ -35,7 +35,7 @@ from mvtui.router.metrics import RouterMetrics
 from mvtui.router.queue import Admission, Ask, QueueFull, QueueTimeout
 from mvtui.router.relay import CLIENT_CLOSED, AttemptFailed, Deadline, Failure, Outcome, Plan, attempt
 from mvtui.router.request_body import MIB, BodyError, json_object, read_body
-from mvtui.routing.affinity import conversation_key
+from mvtui.routing.affinity import conversation_of
 from mvtui.routing.policies import Chooser
 from mvtui.routing.retry_budget import RetryBudget, backoff
 
@@ -169,7 +169,7 @@ class Proxy:
             body = _json_bytes(payload)
         if not isinstance(model, str):
             raise ProxyError(400, "`model` must be a string")
-        ask = Ask(model, _answer_limit(payload), conversation_key(payload, request.headers))
+        ask = Ask(model, _answer_limit(payload), conversation_of(payload, request.headers))
         return bytes(body), model, payload.get("stream") is True, ask
 
     # --- choosing a server --------------------------------------------------------------

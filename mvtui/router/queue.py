@@ -32,13 +32,17 @@ from mvtui.errors import Unavailable
 from mvtui.router.breakers import Breakers
 from mvtui.router.metrics import RouterMetrics
 from mvtui.routing import affinity
-from mvtui.routing.policies import Chooser, Route, answer_times
+from mvtui.routing.affinity import Conversation
+from mvtui.routing.policies import Chooser, Route, answer_times, expected_times
 
 TICK_S = 0.05
 # How many of a model's mean answer lengths a request's max_tokens is believed, at most.
 LENGTH_BOUND_MEANS = 2.0
 # How much slower than the fastest a conversation's own server may be and still get it.
 SLOWER_HOME_BOUND = 2.0
+# How much later than the quickest a request that may start a conversation may end at its
+# own server: near-ties only.
+NEAR_BEST_BOUND = 1.2
 
 # Makes a server for the model available (wakes or starts one): True when one is routable.
 MakeAvailable = Callable[[str], Awaitable[bool]]
@@ -60,7 +64,7 @@ class Ask:
 
     model: str
     tokens: int | None = None  # its max_tokens: the longest its answer can be
-    conversation: str | None = None  # its conversation's key (routing/affinity.py)
+    conversation: Conversation | None = None  # routing/affinity.py
 
 
 @dataclass(eq=False)
@@ -122,19 +126,25 @@ class Admission:
         return route
 
     def _home(self, ask: Ask, servers: Sequence[Server], route: Route, roomy_only: bool) -> Server | None:
-        """The conversation's own server, when it continues one and its server is within the
-        load bound (its share of the model's requests) and not much slower than the fastest
-        (SLOWER_HOME_BOUND: where a cached prefix no longer pays for the slower answer)."""
-        router = self.config().router
-        if ask.conversation is None or not router.affinity or len(servers) < 2:
+        """The conversation's own server, when it is within the load bound (its share of the
+        model's requests) and quick enough: for a conversation under way, no more than
+        SLOWER_HOME_BOUND times slower over the answer than the fastest (there a cached prefix
+        no longer pays); for one that may start here, about as quick as the quickest
+        (NEAR_BEST_BOUND over the expected completion: a one-off request loses nothing)."""
+        router, conversation = self.config().router, ask.conversation
+        if conversation is None or not router.affinity or len(servers) < 2:
             return None
-        times = dict(zip((server.url for server in servers), answer_times(servers, route), strict=True))
-        quickest = min(times.values())
+        if conversation.continues:
+            times, bound = answer_times(servers, route), SLOWER_HOME_BOUND
+        else:
+            times, bound = expected_times(servers, route), NEAR_BEST_BOUND
+        by_url = dict(zip((server.url for server in servers), times, strict=True))
+        quickest = min(times)
 
         def usable(server: Server) -> bool:
-            return (server.has_room or not roomy_only) and times[server.url] <= SLOWER_HOME_BOUND * quickest
+            return (server.has_room or not roomy_only) and by_url[server.url] <= bound * quickest
 
-        return affinity.home(servers, ask.conversation, router.affinity_bound, usable)
+        return affinity.home(servers, conversation.key, router.affinity_bound, usable)
 
     def release(self, server: Server) -> None:
         """A try on `server` ended: its slot goes to whoever waits for a model it serves."""

@@ -2,10 +2,12 @@
 
 vLLM caches the KV of prompts it has seen (automatic prefix caching), and each turn of a chat
 re-sends the whole history: on the server of the previous turns most of the prompt is
-cached. A conversation is known by its `user` field, an `x-session-id` header, or the hash of
-its first messages; only requests that continue one are kept together (a chat with an earlier
-answer in it, or one that names its user or session), so that one-off requests stay free to
-go to the fastest server.
+cached. A conversation is known by its `x-session-id` header, its `user` field, or the hash of
+its first messages (a completion: the start of its prompt). A request that continues one (a
+chat with an earlier answer in it, or one that names its session or user) goes to its server
+while that one is within the load bound; a request that may start one (a chat's first turn, a
+completion) goes there only when it is about as quick as the quickest, so that one-off
+requests lose nothing and repeated prompts still meet their cached prefix.
 
 Its server is chosen by weighted rendezvous hashing (highest random weight) over the model's
 servers: every router computes the same order without sharing anything, removing a server
@@ -20,12 +22,13 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 SESSION_HEADER = "x-session-id"
 MAX_KEY_CHARS = 256  # of a user or session id: longer ones are cut, not refused
 FIRST_MESSAGES = 2  # the system prompt and the first question: what every later turn repeats
-PROMPT_PREFIX_CHARS = 512  # of a completion's prompt, when it names no user or session
+PROMPT_PREFIX_CHARS = 512  # of a completion's prompt: longer ones continue a conversation
 UNLOADED_SHARE = 0.5  # of its slots: a server this full is never "loaded"
 _SCALE = float(2**64)
 
@@ -42,34 +45,37 @@ class Placed(Protocol):
 P = TypeVar("P", bound=Placed)
 
 
-def conversation_key(payload: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
-    """What identifies the request's conversation, or None when it starts none worth keeping
-    together (a chat's first turn, a one-off completion)."""
+@dataclass(frozen=True)
+class Conversation:
+    key: str
+    continues: bool  # an earlier turn was served: its prefix is cached somewhere
+
+
+def conversation_of(payload: Mapping[str, Any], headers: Mapping[str, str]) -> Conversation | None:
+    """The request's conversation, or None when nothing in it identifies one."""
     session = headers.get(SESSION_HEADER)
     if session:
-        return "session:" + session[:MAX_KEY_CHARS]
+        return Conversation("session:" + session[:MAX_KEY_CHARS], True)
     user = payload.get("user")
     if isinstance(user, str) and user:
-        return "user:" + user[:MAX_KEY_CHARS]
+        return Conversation("user:" + user[:MAX_KEY_CHARS], True)
     messages = payload.get("messages")
-    if isinstance(messages, list):
-        return _chat_key(messages)
+    if isinstance(messages, list) and messages:
+        return _chat(messages)
     prompt = payload.get("prompt")
-    if isinstance(prompt, str) and len(prompt) > PROMPT_PREFIX_CHARS:
-        return "prompt:" + _digest(prompt[:PROMPT_PREFIX_CHARS])
+    if isinstance(prompt, str) and prompt:
+        return Conversation("prompt:" + _digest(prompt[:PROMPT_PREFIX_CHARS]), len(prompt) > PROMPT_PREFIX_CHARS)
     return None
 
 
-def _chat_key(messages: list[Any]) -> str | None:
-    """The first messages' hash, for a chat that already has an answer in it."""
-    continues = any(isinstance(message, dict) and message.get("role") == "assistant" for message in messages)
-    if not continues:
-        return None
+def _chat(messages: list[Any]) -> Conversation | None:
+    """The first messages' hash; it continues a conversation when an answer is in it."""
     try:
         first = json.dumps(messages[:FIRST_MESSAGES], sort_keys=True, ensure_ascii=False, default=str)
     except (ValueError, RecursionError, TypeError):
         return None
-    return "chat:" + _digest(first)
+    continues = any(isinstance(message, dict) and message.get("role") == "assistant" for message in messages)
+    return Conversation("chat:" + _digest(first), continues)
 
 
 def _digest(text: str) -> str:

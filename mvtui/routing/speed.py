@@ -59,12 +59,13 @@ class Speed:
             return
         if ttft is not None:
             self.observe(ttft, (seconds - ttft) / (tokens - 1) if tokens > 1 else None)
-        elif self.ttft is not None:
-            self.observe(None, max(0.0, seconds - self.ttft) / tokens)
+        else:  # with no TTFT known yet, the prefill counts as decoding: slower, never faster
+            self.observe(None, max(0.0, seconds - (self.ttft or 0.0)) / tokens)
 
     @property
     def known(self) -> bool:
-        return self.ttft is not None and self.tpot is not None
+        """Enough to expect a time: its pace (a TTFT not yet seen counts as none)."""
+        return self.tpot is not None
 
     def seconds(self, tokens: float) -> float:
         """The expected time of an answer of `tokens` tokens, once started."""
