@@ -298,6 +298,22 @@ async def test_a_cached_prefix_shows_in_the_time_to_first_token(make_sim: MakeSi
     assert hits / queries > 0.4
 
 
+async def test_the_next_turn_of_a_chat_finds_its_history_and_the_answer_cached(sim: SimServer, http: aiohttp.ClientSession) -> None:
+    """As vLLM caches the blocks it generated: a conversation's next turn re-sends the answer,
+    and finds it cached with the prompt before it."""
+    messages = [{"role": "system", "content": "You are a careful assistant. " * 10}, {"role": "user", "content": "Tell me a story."}]
+    async with client(sim) as api:
+        first = await api.chat.completions.create(model="demo", messages=messages, max_tokens=200)  # type: ignore[arg-type]
+        answer = first.choices[0].message.content or ""
+        before = value(await metrics(http, sim), "vllm:prefix_cache_hits_total")
+        following = [*messages, {"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+        second = await api.chat.completions.create(model="demo", messages=following, max_tokens=1)  # type: ignore[arg-type]
+    hits = value(await metrics(http, sim), "vllm:prefix_cache_hits_total") - before
+    assert first.usage is not None and second.usage is not None
+    # all of the first prompt and its answer, but the last partial block
+    assert hits >= first.usage.prompt_tokens + first.usage.completion_tokens - 16, (hits, first.usage, second.usage)
+
+
 async def test_kv_pressure_preempts_and_still_completes(make_sim: MakeSim, http: aiohttp.ClientSession) -> None:
     sim = await make_sim(kv_blocks=6, block_size=16, max_model_len=96, max_num_seqs=4, tokens_per_s=400.0)
     async with client(sim) as api:

@@ -44,6 +44,9 @@ class Sequence:
     visible: int  # words shown to the client (fewer than generated when a stop string hit)
     end_reason: str  # finish_reason once every word is generated
     prefix_hashes: Seq[int] = ()
+    # The block hashes of its prompt and answer together, which the next turn of its
+    # conversation starts with: cached when it finishes, as vLLM caches generated blocks.
+    answer_hashes: Callable[[], Seq[int]] | None = field(default=None, repr=False)
     max_tokens: int = 0
     arrival: float = 0.0
     phase: Phase = Phase.WAITING
@@ -98,12 +101,15 @@ class PrefixCache:
             if block_hash not in self._blocks:
                 break
             matched += 1
+        self.insert(hashes)
+        return matched
+
+    def insert(self, hashes: Seq[int]) -> None:
         for block_hash in hashes:
             self._blocks[block_hash] = None
             self._blocks.move_to_end(block_hash)
         while len(self._blocks) > self._capacity:
             self._blocks.popitem(last=False)
-        return matched
 
     def clear(self) -> None:
         self._blocks.clear()
@@ -323,6 +329,8 @@ class Engine:
         seq.notify()
 
     def _finish(self, seq: Sequence, now: float, reason: str) -> None:
+        if reason != "abort" and seq.answer_hashes is not None:
+            self.prefix_cache.insert(seq.answer_hashes())
         self._release(seq)
         seq.phase = Phase.FINISHED
         seq.finish_reason = reason

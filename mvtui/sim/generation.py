@@ -41,6 +41,7 @@ def _sequence(request: GenerationRequest, request_id: str, words: list[int], vis
         visible=visible,
         end_reason=reason,
         prefix_hashes=request.prompt.block_hashes(runtime.config.block_size),
+        answer_hashes=lambda: request.prompt.followed_by(text.words_text(words[:visible])).block_hashes(runtime.config.block_size),
         max_tokens=request.max_tokens,
     )
 

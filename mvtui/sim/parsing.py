@@ -28,6 +28,13 @@ class Prompt:
     def of_ids(cls, ids: list[int]) -> Prompt:
         return cls(len(ids), array("q", ids).tobytes(), 8)
 
+    def followed_by(self, answer: str) -> Prompt:
+        """The prompt with its answer after it: what the next turn of a chat starts with
+        (a prompt of token ids has no text to continue: it stays as it is)."""
+        if self.bytes_per_token != text.BYTES_PER_TOKEN:
+            return self
+        return Prompt(self.tokens + text.count_tokens(answer), self.key + answer.encode(), self.bytes_per_token)
+
     def block_hashes(self, block_size: int) -> list[int]:
         """Chained hashes of the full blocks, as vLLM's prefix cache keys them."""
         step = block_size * self.bytes_per_token
