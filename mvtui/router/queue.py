@@ -100,21 +100,26 @@ class Admission:
         not yet tried by this request come first."""
         if tried:
             servers = [server for server in servers if server.url not in tried] or servers
+        route = self._route(ask, ahead, waited)
+        server = None if retry else self._home(ask, servers, route, roomy_only)
+        if server is None:
+            server = self._choose(servers, route, retry=retry, roomy_only=roomy_only)
+        if server is None or (roomy_only and not server.has_room):
+            return None
+        server.request_started()
+        self.breakers.dispatched(server)
+        return server
+
+    def _choose(self, servers: Sequence[Server], route: Route, *, retry: bool, roomy_only: bool) -> Server | None:
+        """The policy's choice (with the queue on: among servers with room, unless the policy
+        may wait for a busy one); None when none has room."""
         if roomy_only:
             roomy = [server for server in servers if server.has_room]
             if not roomy:
                 return None
             if not self.chooser.may_wait:
                 servers = roomy
-        route = self._route(ask, ahead, waited)
-        server = None if retry else self._home(ask, servers, route, roomy_only)
-        if server is None:
-            server = self.chooser.choose(servers, route, advance=not retry)
-        if server is None or (roomy_only and not server.has_room):
-            return None
-        server.request_started()
-        self.breakers.dispatched(server)
-        return server
+        return self.chooser.choose(servers, route, advance=not retry)
 
     def _route(self, ask: Ask, ahead: int, waited: float) -> Route:
         length = self.cluster.answer_length(ask.model).mean
@@ -127,24 +132,26 @@ class Admission:
 
     def _home(self, ask: Ask, servers: Sequence[Server], route: Route, roomy_only: bool) -> Server | None:
         """The conversation's own server, when it is within the load bound (its share of the
-        model's requests) and quick enough: for a conversation under way, no more than
-        SLOWER_HOME_BOUND times slower over the answer than the fastest (there a cached prefix
-        no longer pays); for one that may start here, about as quick as the quickest
-        (NEAR_BEST_BOUND over the expected completion: a one-off request loses nothing)."""
+        model's requests) and quick enough. A conversation under way waits for its server
+        when that one is full (its cached history saves more than a slot's wait costs), but
+        not for one over SLOWER_HOME_BOUND times slower over the answer than the fastest. One
+        that may start there goes only when it is about as quick as the quickest
+        (NEAR_BEST_BOUND over the expected completion, free slot included): a one-off request
+        loses nothing."""
         router, conversation = self.config().router, ask.conversation
         if conversation is None or not router.affinity or len(servers) < 2:
             return None
         if conversation.continues:
-            times, bound = answer_times(servers, route), SLOWER_HOME_BOUND
-        else:
-            times, bound = expected_times(servers, route), NEAR_BEST_BOUND
-        by_url = dict(zip((server.url for server in servers), times, strict=True))
+            times = answer_times(servers, route)
+            quickest = min(times)
+            slow = {server.url for server, time in zip(servers, times, strict=True) if time > SLOWER_HOME_BOUND * quickest}
+            return affinity.home(servers, conversation.key, router.affinity_bound, lambda server: server.url not in slow)
+        times = expected_times(servers, route)
         quickest = min(times)
-
-        def usable(server: Server) -> bool:
-            return (server.has_room or not roomy_only) and by_url[server.url] <= bound * quickest
-
-        return affinity.home(servers, conversation.key, router.affinity_bound, usable)
+        near = {server.url for server, time in zip(servers, times, strict=True) if time <= NEAR_BEST_BOUND * quickest}
+        return affinity.home(
+            servers, conversation.key, router.affinity_bound, lambda server: server.url in near and (server.has_room or not roomy_only)
+        )
 
     def release(self, server: Server) -> None:
         """A try on `server` ended: its slot goes to whoever waits for a model it serves."""
