@@ -124,6 +124,7 @@ class RowSpec:
 HETERO_ROWS = (
     RowSpec("balanced", "mvtui balanced", "mvtui", "balanced"),
     RowSpec("fastest", "mvtui fastest", "mvtui", "fastest"),
+    RowSpec("fastest-no-affinity", "mvtui fastest, affinity off", "mvtui", "fastest", False),
     RowSpec("oracle", "oracle", "oracle"),
     RowSpec("vllm-power_of_two", "vllm-router power_of_two", "vllm-router", "power_of_two"),
     RowSpec("vllm-cache_aware", "vllm-router cache_aware", "vllm-router", "cache_aware"),
@@ -811,6 +812,18 @@ def hetero_checks(cells: list[Cell], default: str) -> list[str]:
     return lines
 
 
+def affinity_check(cells: list[Cell], default: str) -> list[str]:
+    """Affinity is on by default: on single-turn traffic it must cost nothing."""
+    own, off = figures_of(cells, "steady", f"mvtui {default}"), figures_of(cells, "steady", "mvtui fastest, affinity off")
+    if own is None or off is None or own["mean_s"] is None or off["mean_s"] is None:
+        return []
+    ok = own["mean_s"] <= off["mean_s"]
+    return [
+        f"- steady: mvtui {default} (affinity on, the default) mean {fmt(own['mean_s'])} s against {fmt(off['mean_s'])} s "
+        f"with affinity off (no worse): {verdict(ok)}"
+    ]
+
+
 def multi_checks(cells: list[Cell]) -> list[str]:
     on = figures_of(cells, "multi-turn", MULTI_ROWS[1].name)
     base = figures_of(cells, "multi-turn", MULTI_ROWS[2].name)
@@ -880,7 +893,12 @@ def report(args: argparse.Namespace, setup: dict[str, Any], cells: list[Cell], s
         parts += [f"### {workload}", "", *hetero_table(cells, workload, names), ""]
     if "multi-turn" in args.workloads:
         parts += ["### multi-turn", "", *multi_table(cells, [spec.name for spec in EQUAL]), ""]
-    parts += [f"Targets (mvtui's default policy here: `{default}`):", *hetero_checks(cells, default), *multi_checks(cells)]
+    parts += [
+        f"Targets (mvtui's default policy here: `{default}`):",
+        *hetero_checks(cells, default),
+        *affinity_check(cells, default),
+        *multi_checks(cells),
+    ]
     errors = [
         f"- {c.workload} / {c.row}: {c.figures['errors']} errors, e.g. {c.figures['error_samples'][:2]}"
         for c in cells
