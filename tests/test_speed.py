@@ -338,3 +338,42 @@ async def test_the_queue_keeps_a_request_for_the_fast_server_and_gives_up_when_w
     late = await admission.wait(ask, set(), set(), retry=False, timeout=5)
     assert late is slow
     await admission.close()
+
+
+def three_equal(config: Config) -> tuple[Cluster, list[Server]]:
+    cluster = Cluster(config.timing)
+    servers = [
+        cluster.add(ServerConfig(url=f"http://s{index}:8000", max_concurrent_requests=2, capacity_set=True, models=("m",)))
+        for index in range(3)
+    ]
+    for server in servers:
+        server.health.success()
+        server.metrics_available = True
+        server.learned_speed("m").observe(0.01, 0.002)  # type: ignore[union-attr]
+    return cluster, servers
+
+
+async def test_a_conversation_waits_for_its_full_server_and_a_first_turn_does_not() -> None:
+    config = Config(router=RouterConfig(policy="fastest"))
+    cluster, servers = three_equal(config)
+    admission = Admission(
+        cluster, Chooser("fastest"), lambda: config, RouterMetrics(CollectorRegistry(), cluster), Breakers(cluster, lambda: config)
+    )
+    chat = affinity.Conversation("chat:abc", continues=True)
+    home = affinity.rendezvous_order(servers, chat.key)[0]
+    others = [server for server in servers if server is not home]
+    for server in others:
+        server.in_flight = 1  # the cluster holds 2 + 2 = 4: the full home is within its bound
+    home.in_flight = 2
+    assert admission.take(Ask("m", 10, chat), servers, set(), retry=False, roomy_only=True) is None  # waits for it
+    starting = affinity.Conversation("chat:abc", continues=False)
+    assert admission.take(Ask("m", 10, starting), servers, set(), retry=False, roomy_only=True) in others
+    waiting = asyncio.ensure_future(admission.wait(Ask("m", 10, chat), set(), set(), retry=False, timeout=5))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()
+    admission.release(home)
+    assert await waiting is home
+    home.learned_speed("m").observe(5.0, 0.5, count=1000)  # type: ignore[union-attr]  # now far slower
+    home.in_flight = 0
+    assert admission.take(Ask("m", 10, chat), servers, set(), retry=False, roomy_only=True) in others
+    await admission.close()

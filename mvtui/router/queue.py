@@ -33,15 +33,15 @@ from mvtui.router.breakers import Breakers
 from mvtui.router.metrics import RouterMetrics
 from mvtui.routing import affinity
 from mvtui.routing.affinity import Conversation
-from mvtui.routing.policies import Chooser, Route, answer_times, expected_times
+from mvtui.routing.policies import Chooser, Route, answer_times
 
 TICK_S = 0.05
 # How many of a model's mean answer lengths a request's max_tokens is believed, at most.
 LENGTH_BOUND_MEANS = 2.0
 # How much slower than the fastest a conversation's own server may be and still get it.
 SLOWER_HOME_BOUND = 2.0
-# How much later than the quickest a request that may start a conversation may end at its
-# own server: near-ties only.
+# How much slower than the quickest the server of a request that may start a conversation
+# may be over the answer: near-ties only.
 NEAR_BEST_BOUND = 1.2
 
 # Makes a server for the model available (wakes or starts one): True when one is routable.
@@ -131,27 +131,29 @@ class Admission:
         return route
 
     def _home(self, ask: Ask, servers: Sequence[Server], route: Route, roomy_only: bool) -> Server | None:
-        """The conversation's own server, when it is within the load bound (its share of the
-        model's requests) and quick enough. A conversation under way waits for its server
-        when that one is full (its cached history saves more than a slot's wait costs), but
-        not for one over SLOWER_HOME_BOUND times slower over the answer than the fastest. One
-        that may start there goes only when it is about as quick as the quickest
-        (NEAR_BEST_BOUND over the expected completion, free slot included): a one-off request
-        loses nothing."""
+        """The conversation's own server, when it is within the load bound and quick enough
+        over the answer itself. A conversation under way goes there up to `affinity_bound`
+        times its share of the model's requests (or half full), waits for it when it is full
+        (its cached history saves more than a slot's wait costs), and leaves it when it is
+        over SLOWER_HOME_BOUND times slower than the fastest. One that may start there goes
+        only to a free slot, no more than its fair share, on a server about as quick as the
+        quickest (NEAR_BEST_BOUND): a one-off request loses nothing."""
         router, conversation = self.config().router, ask.conversation
         if conversation is None or not router.affinity or len(servers) < 2:
             return None
-        if conversation.continues:
-            times = answer_times(servers, route)
-            quickest = min(times)
-            slow = {server.url for server, time in zip(servers, times, strict=True) if time > SLOWER_HOME_BOUND * quickest}
-            return affinity.home(servers, conversation.key, router.affinity_bound, lambda server: server.url not in slow)
-        times = expected_times(servers, route)
+        times = answer_times(servers, route)
         quickest = min(times)
-        near = {server.url for server, time in zip(servers, times, strict=True) if time <= NEAR_BEST_BOUND * quickest}
-        return affinity.home(
-            servers, conversation.key, router.affinity_bound, lambda server: server.url in near and (server.has_room or not roomy_only)
-        )
+        if conversation.continues:
+            bound, unloaded, slower = router.affinity_bound, affinity.UNLOADED_SHARE, SLOWER_HOME_BOUND
+        else:
+            bound, unloaded, slower = 1.0, 0.0, NEAR_BEST_BOUND
+        quick = {server.url for server, time in zip(servers, times, strict=True) if time <= slower * quickest}
+
+        def usable(server: Server) -> bool:
+            free = conversation.continues or server.has_room or not roomy_only
+            return free and server.url in quick
+
+        return affinity.home(servers, conversation.key, bound, usable, unloaded)
 
     def release(self, server: Server) -> None:
         """A try on `server` ended: its slot goes to whoever waits for a model it serves."""

@@ -93,10 +93,10 @@ def _weight(key: str, server: Placed) -> float:
     return -max(1, server.slots) / math.log(uniform)
 
 
-def within_bound(server: Placed, servers: Sequence[Placed], bound: float) -> bool:
+def within_bound(server: Placed, servers: Sequence[Placed], bound: float, unloaded: float = UNLOADED_SHARE) -> bool:
     """Taking one more request keeps `server` within `bound` times its share of what the
     model's servers hold (its share by slots), rounded up: bounded-load consistent hashing.
-    A server at most UNLOADED_SHARE full is within it whatever the others hold: a few requests
+    A server at most `unloaded` full is within it whatever the others hold: a few requests
     in a quiet cluster are no hot spot. A load that is not a number counts as full."""
     if not all(math.isfinite(each.held) for each in servers):
         return math.isfinite(server.held) and server.held <= 0
@@ -105,13 +105,13 @@ def within_bound(server: Placed, servers: Sequence[Placed], bound: float) -> boo
     share = bound * (held + 1) * max(1, server.slots) / slots
     if not math.isfinite(share):
         return False
-    return max(0.0, server.held) + 1 <= max(math.ceil(share), server.slots * UNLOADED_SHARE)
+    return max(0.0, server.held) + 1 <= max(math.ceil(share), server.slots * unloaded)
 
 
-def home(servers: Sequence[P], key: str, bound: float, usable: Callable[[P], bool]) -> P | None:
+def home(servers: Sequence[P], key: str, bound: float, usable: Callable[[P], bool], unloaded: float = UNLOADED_SHARE) -> P | None:
     """The conversation's server: the first in its rendezvous order that is `usable` and
     within the load bound; None when none is."""
     for server in rendezvous_order(servers, key):
-        if usable(server) and within_bound(server, servers, bound):
+        if usable(server) and within_bound(server, servers, bound, unloaded):
             return server
     return None
