@@ -229,29 +229,25 @@ def turn(question: str, *history: str) -> dict[str, object]:
     return {"model": "m", "messages": messages}
 
 
-def key(payload: dict[str, object], headers: dict[str, str] | None = None) -> tuple[str, bool] | None:
+def key(payload: dict[str, object], headers: dict[str, str] | None = None) -> str | None:
     conversation = affinity.conversation_of(payload, headers or {})
-    return None if conversation is None else (conversation.key, conversation.continues)
+    return None if conversation is None else conversation.key
 
 
-def test_a_conversation_keeps_its_key_from_turn_to_turn() -> None:
-    first = key(turn("hello"))
+def test_a_conversation_keeps_its_key_from_turn_to_turn_and_a_first_turn_has_none() -> None:
+    assert key(turn("hello")) is None  # nothing to keep together yet: it goes where it is quickest
     second = key(turn("and then?", "hello", "hi"))
-    third = key(turn("why?", "hello", "hi", "and then?", "this"))
-    assert first is not None and second is not None and third is not None
-    assert first[0] == second[0] == third[0]
-    assert (first[1], second[1], third[1]) == (False, True, True)  # the first turn may start one
+    assert second is not None and second == key(turn("why?", "hello", "hi", "and then?", "this"))
     assert key(turn("and then?", "bonjour", "salut")) != second
 
 
 def test_a_session_header_or_user_names_the_conversation_from_its_first_turn() -> None:
-    assert key(turn("hello"), {"x-session-id": "s1"}) == ("session:s1", True)
-    assert key({**turn("hello"), "user": "ann"}) == ("user:ann", True)
-    assert len((key({"user": "x" * 10_000}) or ("",))[0]) < 300
+    assert key(turn("hello"), {"x-session-id": "s1"}) == "session:s1"
+    assert key({**turn("hello"), "user": "ann"}) == "user:ann"
+    assert len(key({"user": "x" * 10_000}) or "") < 300
     long_prompt = "few-shot examples " * 100
-    assert key({"prompt": long_prompt}) == key({"prompt": long_prompt + "more"}) and (key({"prompt": long_prompt}) or ("", False))[1]
-    assert key({"prompt": "short"}) == key({"prompt": "short"}) and not (key({"prompt": "short"}) or ("", True))[1]
-    assert key({"input": "embed me"}) is None
+    assert key({"prompt": long_prompt}) is not None and key({"prompt": long_prompt}) == key({"prompt": long_prompt + "more"})
+    assert key({"prompt": "short"}) is None and key({"input": "embed me"}) is None
 
 
 json_values = st.recursive(
@@ -353,21 +349,20 @@ def three_equal(config: Config) -> tuple[Cluster, list[Server]]:
     return cluster, servers
 
 
-async def test_a_conversation_waits_for_its_full_server_and_a_first_turn_does_not() -> None:
+async def test_a_conversation_waits_for_its_full_server_unless_it_is_far_slower() -> None:
     config = Config(router=RouterConfig(policy="fastest"))
     cluster, servers = three_equal(config)
     admission = Admission(
         cluster, Chooser("fastest"), lambda: config, RouterMetrics(CollectorRegistry(), cluster), Breakers(cluster, lambda: config)
     )
-    chat = affinity.Conversation("chat:abc", continues=True)
+    chat = affinity.Conversation("chat:abc")
     home = affinity.rendezvous_order(servers, chat.key)[0]
     others = [server for server in servers if server is not home]
     for server in others:
         server.in_flight = 1  # the cluster holds 2 + 2 = 4: the full home is within its bound
     home.in_flight = 2
     assert admission.take(Ask("m", 10, chat), servers, set(), retry=False, roomy_only=True) is None  # waits for it
-    starting = affinity.Conversation("chat:abc", continues=False)
-    assert admission.take(Ask("m", 10, starting), servers, set(), retry=False, roomy_only=True) in others
+    assert admission.take(Ask("m", 10), servers, set(), retry=False, roomy_only=True) in others  # a one-off does not
     waiting = asyncio.ensure_future(admission.wait(Ask("m", 10, chat), set(), set(), retry=False, timeout=5))
     await asyncio.sleep(0.02)
     assert not waiting.done()

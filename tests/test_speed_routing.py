@@ -151,16 +151,3 @@ async def test_affinity_works_over_any_policy_and_can_be_turned_off(tmp_path: Pa
         client = client_of(router)
         assert len({await where(equal, client, messages) for messages in turns}) == servers
         await client.close()
-
-
-async def test_a_repeated_prompt_meets_its_cached_prefix_on_equal_servers(tmp_path: Path, started: list[Proc]) -> None:
-    equal = sims(started, 400, 400, 400)
-    router = start_router(config_for(tmp_path / "servers.toml", equal))
-    started.append(router)
-    wait_healthy(router, 3)
-    client = client_of(router)
-    await streams(client, 9, concurrency=3, max_tokens=20)  # every server measured first
-    prompt = [{"role": "user", "content": "summarise this long shared document " * 20}]
-    served = [await where(equal, client, prompt, max_tokens=20) for _ in range(5)]
-    assert len(set(served)) == 1, f"the same prompt went to {served}"
-    await client.close()

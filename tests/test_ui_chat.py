@@ -51,7 +51,7 @@ async def answered(screen: ChatScreen, count: int) -> None:
 
 
 async def test_a_chat_streams_through_the_router_and_keeps_the_conversation(tmp_path: Path, paths: AppPaths, procs: list[Proc]) -> None:
-    sim = start_sim(MODEL, extra=["--tokens-per-s", "40", "--default-max-tokens", "30"])
+    sim = start_sim(MODEL, extra=["--tokens-per-s", "20", "--default-max-tokens", "30"])
     procs.append(sim)
     path = tmp_path / "servers.toml"
     path.write_text(config_text([("remote", sim.url, 4)]).replace("port = 0\n", f'port = 0\napi_keys = ["{KEY}"]\n', 1))

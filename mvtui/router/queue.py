@@ -40,9 +40,6 @@ TICK_S = 0.05
 LENGTH_BOUND_MEANS = 2.0
 # How much slower than the fastest a conversation's own server may be and still get it.
 SLOWER_HOME_BOUND = 2.0
-# How much slower than the quickest the server of a request that may start a conversation
-# may be over the answer: near-ties only.
-NEAR_BEST_BOUND = 1.2
 
 # Makes a server for the model available (wakes or starts one): True when one is routable.
 MakeAvailable = Callable[[str], Awaitable[bool]]
@@ -101,7 +98,7 @@ class Admission:
         if tried:
             servers = [server for server in servers if server.url not in tried] or servers
         route = self._route(ask, ahead, waited)
-        server = None if retry else self._home(ask, servers, route, roomy_only)
+        server = None if retry else self._home(ask, servers, route)
         if server is None:
             server = self._choose(servers, route, retry=retry, roomy_only=roomy_only)
         if server is None or (roomy_only and not server.has_room):
@@ -130,30 +127,18 @@ class Admission:
                 route.tokens = min(ask.tokens, LENGTH_BOUND_MEANS * length)
         return route
 
-    def _home(self, ask: Ask, servers: Sequence[Server], route: Route, roomy_only: bool) -> Server | None:
-        """The conversation's own server, when it is within the load bound and quick enough
-        over the answer itself. A conversation under way goes there up to `affinity_bound`
-        times its share of the model's requests (or half full), waits for it when it is full
-        (its cached history saves more than a slot's wait costs), and leaves it when it is
-        over SLOWER_HOME_BOUND times slower than the fastest. One that may start there goes
-        only to a free slot, no more than its fair share, on a server about as quick as the
-        quickest (NEAR_BEST_BOUND): a one-off request loses nothing."""
+    def _home(self, ask: Ask, servers: Sequence[Server], route: Route) -> Server | None:
+        """The conversation's own server, while it holds no more than `affinity_bound` times
+        its share of the model's requests (or is at most half full) and is no more than
+        SLOWER_HOME_BOUND times slower over the answer than the fastest. When it is full the
+        request waits for it: its cached history saves more than a slot's wait costs."""
         router, conversation = self.config().router, ask.conversation
         if conversation is None or not router.affinity or len(servers) < 2:
             return None
         times = answer_times(servers, route)
         quickest = min(times)
-        if conversation.continues:
-            bound, unloaded, slower = router.affinity_bound, affinity.UNLOADED_SHARE, SLOWER_HOME_BOUND
-        else:
-            bound, unloaded, slower = 1.0, 0.0, NEAR_BEST_BOUND
-        quick = {server.url for server, time in zip(servers, times, strict=True) if time <= slower * quickest}
-
-        def usable(server: Server) -> bool:
-            free = conversation.continues or server.has_room or not roomy_only
-            return free and server.url in quick
-
-        return affinity.home(servers, conversation.key, bound, usable, unloaded)
+        quick = {server.url for server, time in zip(servers, times, strict=True) if time <= SLOWER_HOME_BOUND * quickest}
+        return affinity.home(servers, conversation.key, router.affinity_bound, lambda server: server.url in quick)
 
     def release(self, server: Server) -> None:
         """A try on `server` ended: its slot goes to whoever waits for a model it serves."""

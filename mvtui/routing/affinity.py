@@ -3,11 +3,10 @@
 vLLM caches the KV of prompts it has seen (automatic prefix caching), and each turn of a chat
 re-sends the whole history: on the server of the previous turns most of the prompt is
 cached. A conversation is known by its `x-session-id` header, its `user` field, or the hash of
-its first messages (a completion: the start of its prompt). A request that continues one (a
-chat with an earlier answer in it, or one that names its session or user) goes to its server
-while that one is within the load bound; a request that may start one (a chat's first turn, a
-completion) goes there only when it is about as quick as the quickest, so that one-off
-requests lose nothing and repeated prompts still meet their cached prefix.
+its first messages (a long completion prompt: its start). Only requests that continue one (a
+chat with an earlier answer in it, or one that names its session or user) are kept together:
+a chat's first turn and a short completion go wherever is quickest, so that one-off requests
+lose nothing.
 
 Its server is chosen by weighted rendezvous hashing (highest random weight) over the model's
 servers: every router computes the same order without sharing anything, removing a server
@@ -28,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 SESSION_HEADER = "x-session-id"
 MAX_KEY_CHARS = 256  # of a user or session id: longer ones are cut, not refused
 FIRST_MESSAGES = 2  # the system prompt and the first question: what every later turn repeats
-PROMPT_PREFIX_CHARS = 512  # of a completion's prompt: longer ones continue a conversation
+PROMPT_PREFIX_CHARS = 512  # of a completion's prompt: longer ones are kept together
 UNLOADED_SHARE = 0.5  # of its slots: a server this full is never "loaded"
 _SCALE = float(2**64)
 
@@ -47,35 +46,38 @@ P = TypeVar("P", bound=Placed)
 
 @dataclass(frozen=True)
 class Conversation:
+    """A conversation under way: an earlier turn was served, its prefix is cached somewhere."""
+
     key: str
-    continues: bool  # an earlier turn was served: its prefix is cached somewhere
 
 
 def conversation_of(payload: Mapping[str, Any], headers: Mapping[str, str]) -> Conversation | None:
-    """The request's conversation, or None when nothing in it identifies one."""
+    """The conversation the request continues, or None when it continues none."""
     session = headers.get(SESSION_HEADER)
     if session:
-        return Conversation("session:" + session[:MAX_KEY_CHARS], True)
+        return Conversation("session:" + session[:MAX_KEY_CHARS])
     user = payload.get("user")
     if isinstance(user, str) and user:
-        return Conversation("user:" + user[:MAX_KEY_CHARS], True)
+        return Conversation("user:" + user[:MAX_KEY_CHARS])
     messages = payload.get("messages")
     if isinstance(messages, list) and messages:
         return _chat(messages)
     prompt = payload.get("prompt")
-    if isinstance(prompt, str) and prompt:
-        return Conversation("prompt:" + _digest(prompt[:PROMPT_PREFIX_CHARS]), len(prompt) > PROMPT_PREFIX_CHARS)
+    if isinstance(prompt, str) and len(prompt) > PROMPT_PREFIX_CHARS:
+        return Conversation("prompt:" + _digest(prompt[:PROMPT_PREFIX_CHARS]))
     return None
 
 
 def _chat(messages: list[Any]) -> Conversation | None:
-    """The first messages' hash; it continues a conversation when an answer is in it."""
+    """The first messages' hash, for a chat that already has an answer in it: a first turn
+    starts nothing to keep together, and goes wherever is quickest."""
+    if not any(isinstance(message, dict) and message.get("role") == "assistant" for message in messages):
+        return None
     try:
         first = json.dumps(messages[:FIRST_MESSAGES], sort_keys=True, ensure_ascii=False, default=str)
     except (ValueError, RecursionError, TypeError):
         return None
-    continues = any(isinstance(message, dict) and message.get("role") == "assistant" for message in messages)
-    return Conversation("chat:" + _digest(first), continues)
+    return Conversation("chat:" + _digest(first))
 
 
 def _digest(text: str) -> str:
@@ -93,10 +95,10 @@ def _weight(key: str, server: Placed) -> float:
     return -max(1, server.slots) / math.log(uniform)
 
 
-def within_bound(server: Placed, servers: Sequence[Placed], bound: float, unloaded: float = UNLOADED_SHARE) -> bool:
+def within_bound(server: Placed, servers: Sequence[Placed], bound: float) -> bool:
     """Taking one more request keeps `server` within `bound` times its share of what the
     model's servers hold (its share by slots), rounded up: bounded-load consistent hashing.
-    A server at most `unloaded` full is within it whatever the others hold: a few requests
+    A server at most UNLOADED_SHARE full is within it whatever the others hold: a few requests
     in a quiet cluster are no hot spot. A load that is not a number counts as full."""
     if not all(math.isfinite(each.held) for each in servers):
         return math.isfinite(server.held) and server.held <= 0
@@ -105,13 +107,13 @@ def within_bound(server: Placed, servers: Sequence[Placed], bound: float, unload
     share = bound * (held + 1) * max(1, server.slots) / slots
     if not math.isfinite(share):
         return False
-    return max(0.0, server.held) + 1 <= max(math.ceil(share), server.slots * unloaded)
+    return max(0.0, server.held) + 1 <= max(math.ceil(share), server.slots * UNLOADED_SHARE)
 
 
-def home(servers: Sequence[P], key: str, bound: float, usable: Callable[[P], bool], unloaded: float = UNLOADED_SHARE) -> P | None:
+def home(servers: Sequence[P], key: str, bound: float, usable: Callable[[P], bool]) -> P | None:
     """The conversation's server: the first in its rendezvous order that is `usable` and
     within the load bound; None when none is."""
     for server in rendezvous_order(servers, key):
-        if usable(server) and within_bound(server, servers, bound, unloaded):
+        if usable(server) and within_bound(server, servers, bound):
             return server
     return None
