@@ -131,7 +131,7 @@ class Proxy:
             body, model, stream, ask = self._read_model(await self._read_body(request, config), request)
             limit = config.limits.max_request_time
             deadline = Deadline(asyncio.get_running_loop().time() + limit, limit) if limit else None
-            plan = Plan(model, body, stream, config, deadline, ask)
+            plan = Plan(model, body, stream, config, ask, deadline)
             if deadline is None:
                 return await self._dispatch(request, plan, started)
             return await self._within_deadline(request, plan, started, deadline)
@@ -200,7 +200,7 @@ class Proxy:
         a server with room (the queue off: any server)."""
         if self.breakers.tripped or excluded or plan.model in self.admission.waiting:
             return None
-        return self.admission.take(_ask(plan), routable, tried, retry=retry, roomy_only=plan.config.router.queue)
+        return self.admission.take(plan.ask, routable, tried, retry=retry, roomy_only=plan.config.router.queue)
 
     async def _slot(self, plan: Plan, routable: list[Server], tried: set[str], excluded: set[str], *, retry: bool) -> Server:
         allowed = self.breakers.allowed(routable, excluded, time.monotonic())
@@ -208,7 +208,7 @@ class Proxy:
             raise self._all_breakers_open(plan.model, routable, excluded)
         queue = plan.config.router.queue
         if not queue or plan.model not in self.admission.waiting:  # nobody waits ahead of it
-            server = self.admission.take(_ask(plan), allowed, tried, retry=retry, roomy_only=queue)
+            server = self.admission.take(plan.ask, allowed, tried, retry=retry, roomy_only=queue)
             if server is not None:
                 return server
         return await self._wait_in_queue(plan, tried, excluded, retry=retry)
@@ -220,7 +220,7 @@ class Proxy:
             timeout = min(timeout, deadline.left())
         retry_after = {"Retry-After": RETRY_AFTER_QUEUE_S}
         try:
-            return await self.admission.wait(_ask(plan), excluded, tried, retry=retry, timeout=timeout)
+            return await self.admission.wait(plan.ask, excluded, tried, retry=retry, timeout=timeout)
         except QueueFull:
             message = f"Too many requests are waiting for `{plan.model}` ([router] queue_size = {router.queue_size}); retry later"
             raise ProxyError(429, message, code="rate_limit_exceeded", headers=retry_after) from None
@@ -438,10 +438,6 @@ class Proxy:
         shown = (model or "-")[:SHOWN_MODEL_CHARS]
         latency = time.perf_counter() - started
         self.cluster.record(RequestRecord(time.time(), request.method, request.path, shown, ROUTER, status, latency, None, None, 0))
-
-
-def _ask(plan: Plan) -> Ask:
-    return plan.ask or Ask(plan.model)
 
 
 def _answer_limit(payload: dict[str, Any]) -> int | None:

@@ -71,8 +71,8 @@ class Plan:
     body: bytes
     stream: bool
     config: Config
+    ask: Ask  # what routing knows of it
     deadline: Deadline | None = None
-    ask: Ask | None = None
 
     def message(self, server: Server, failure: Failure) -> str:
         """What the client is told; without server names or details when scrubbing."""
